@@ -1,0 +1,42 @@
+"""The small interface every backend provides: load, step, evaluate, save, generate.
+
+Batches cross this boundary as plain Python lists (`data.Encoded`), losses and memory as
+floats: the training loop never sees a tensor.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Protocol
+
+from afinar.data import Encoded
+from afinar.models import ResolvedModel
+
+
+class Backend(Protocol):
+    name: str
+
+    def load(self, model: ResolvedModel, adapter_dir: str | Path | None = None, trainable: bool = True) -> Any:
+        """Load (and quantize) the base, attach new LoRA weights or a saved adapter; return the tokenizer."""
+
+    def forward_backward(self, batch: list[Encoded], scale: float) -> tuple[float, int]:
+        """Accumulate gradients of `scale * sum of target-token losses`; return (loss sum, targets)."""
+
+    def optimizer_step(self, lr: float) -> float:
+        """Clip, step AdamW at `lr`, zero gradients; return the gradient norm before clipping."""
+
+    def eval_loss(self, batch: list[Encoded]) -> tuple[float, int]:
+        """(sum of target-token losses, number of targets) without gradients."""
+
+    def save_adapter(self, folder: Path) -> None:
+        """Write the adapter in PEFT format (adapter_model.safetensors + adapter_config.json)."""
+
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
+                 top_p: float = 1.0, seed: int = 0) -> list[list[int]]:
+        """New token ids for each prompt (batched), without the closing EOS."""
+
+    def memory(self) -> dict[str, float]:
+        """{'memory_mb': now, 'peak_memory_mb': peak} of the device (process RSS on CPU)."""
+
+    def describe(self) -> dict[str, Any]:
+        """Device, dtypes, library versions and parameter counts, for metadata.json."""

