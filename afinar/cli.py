@@ -15,6 +15,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from afinar.errors import AfinarError
@@ -50,7 +51,7 @@ def user_errors(json_errors: bool = False):
                 if json_errors:
                     print(json.dumps({"error": {"message": str(e), "type": "user_error"}}, ensure_ascii=False), file=sys.stderr)
                 else:
-                    err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+                    err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
                 raise typer.Exit(2) from None
             except KeyboardInterrupt:
                 err_console.print("[yellow]Interrupted.[/]")
@@ -59,6 +60,17 @@ def user_errors(json_errors: bool = False):
         return inner
 
     return wrap
+
+
+def quiet_libraries() -> None:
+    """transformers' own progress bars (GGUF conversion, weight loading) only clutter ours."""
+    import warnings
+
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    # peft still calls a transformers API deprecated for v6; not the user's concern.
+    warnings.filterwarnings("ignore", category=FutureWarning)
 
 
 def resolve_config(config: Path | None, preset: str | None, overrides: list[str] | None, quiet: bool = False):
@@ -90,6 +102,7 @@ def demo(
     """QLoRA-tune the embedded SmolLM2-135M-Instruct on the bundled Farense data, then answer and score it."""
     from afinar.demo import run_demo
 
+    quiet_libraries()
     run_demo(output, set_ or [], console, full=full)
 
 
@@ -106,6 +119,7 @@ def train(
     from afinar.progress import TrainingDisplay
     from afinar.train import run_training
 
+    quiet_libraries()
     cfg = resolve_config(config, preset, set_)
     run_training(cfg, output, overwrite, on_event=TrainingDisplay(err_console, cfg.train.log_every))
 
@@ -126,6 +140,7 @@ def ask(
         raise AfinarError("Give a question, or --stdin, but not both.")
     from afinar.inference import Predictor
 
+    quiet_libraries()
     predictor = Predictor(run)
     opts = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
     if not stdin:
@@ -210,13 +225,13 @@ def data_check(
              ("duplicate pairs", lambda f, r: r["duplicates"]),
              ("questions with 2+ answers", lambda f, r: r["conflicting_answers"])]
     for label, get in rows:
-        table.add_row(label, *(str(get(f, r)) for f, r in files.items()))
+        table.add_row(label, *(escape(str(get(f, r))) for f, r in files.items()))
     console.print(table)
     console.print(f"Tokenizer: {cfg.model.base}; train.max_seq_length={cfg.train.max_seq_length}.")
     if "train_val_overlap" in report:
         console.print(f"Questions in both train and val: {report['train_val_overlap']}")
     for w in datacheck.warnings(report):
-        console.print(f"[yellow]warning:[/] {w}")
+        console.print(f"[yellow]warning:[/] {escape(w)}")
     if not datacheck.warnings(report):
         console.print("[green]OK[/]")
 
@@ -233,7 +248,7 @@ def data_split(
     from afinar.data import split_file
 
     train_path, val_path, n_train, n_val = split_file(file, val_fraction, seed, out_dir)
-    console.print(f"Wrote {train_path} ({n_train} examples) and {val_path} ({n_val} examples).")
+    console.print(escape(f"Wrote {train_path} ({n_train} examples) and {val_path} ({n_val} examples)."))
 
 
 if __name__ == "__main__":

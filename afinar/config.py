@@ -115,8 +115,28 @@ def _valid_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
 VALID_KEYS = _valid_keys(Config)
 
 
+def _text_keys(model: type[BaseModel], prefix: str = "") -> set[str]:
+    keys = set()
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            keys |= _text_keys(ann, f"{prefix}{name}.")
+        elif ann in (str, str | None):
+            keys.add(prefix + name)
+    return keys
+
+
+TEXT_KEYS = _text_keys(Config)
+# Common short names people type for a key.
+ALIASES = {"lr": "learning_rate", "bs": "batch_size", "r": "rank", "steps": "max_steps", "accumulation": "grad_accumulation"}
+
+
 def closest_key(key: str) -> str | None:
     leaf = key.split(".")[-1]
+    if leaf in ALIASES:
+        aliased = [k for k in VALID_KEYS if k.endswith("." + ALIASES[leaf])]
+        if aliased:
+            return aliased[0]
     matches = difflib.get_close_matches(key, VALID_KEYS, n=1, cutoff=0.5)
     if not matches:  # 'lr' under train -> match the leaf against leaves
         by_leaf = {k.split(".")[-1]: k for k in VALID_KEYS}
@@ -163,16 +183,20 @@ def apply_override(raw: dict, assignment: str) -> None:
         raise AfinarError(
             f"--set {assignment!r}: unknown key '{key}'" + (f"; did you mean '{hint}'?" if hint else "")
         )
-    try:
-        value = yaml.safe_load(text) if text.strip() else None
-    except yaml.YAMLError:
-        value = text
-    # YAML reads 1e-4 as a string (YAML 1.1); accept it as a number.
-    if isinstance(value, str):
+    if key in TEXT_KEYS:
+        # Free text (a path, a system prompt) stays as typed: YAML would turn "a: b" into a mapping.
+        value = None if text.strip() in ("", "null", "~") else text
+    else:
         try:
-            value = float(value)
-        except ValueError:
-            pass
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError:
+            value = text
+        # YAML 1.1 reads 1e-4 as a string; accept it as a number.
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                pass
     node = raw
     *parents, leaf = key.split(".")
     for part in parents:

@@ -41,7 +41,18 @@ def detect() -> Hardware:
             return Hardware("mps", platform.processor() or "Apple Silicon", system_memory_gb(), cpus)
     except ImportError:
         pass
-    return Hardware("cpu", platform.processor() or platform.machine(), system_memory_gb(), cpus)
+    return Hardware("cpu", cpu_name(), system_memory_gb(), cpus)
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def pick_preset(hw: Hardware) -> tuple[str, str]:
@@ -70,4 +81,5 @@ def process_memory_mb() -> tuple[float, float]:
             current_mb = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
     except OSError:
         current_mb = peak_mb
-    return current_mb, peak_mb
+    # ru_maxrss is updated lazily by the kernel: never report a peak below the present.
+    return current_mb, max(peak_mb, current_mb)

@@ -12,9 +12,11 @@ import importlib.util
 import json
 import os
 import shutil
+import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 from afinar import atomic
 from afinar.errors import AfinarError
@@ -67,7 +69,30 @@ def resolve(base: str) -> ResolvedModel:
         return ResolvedModel(base, str(path), "folder")
     if base.startswith((".", "/", "~")) or base.count("/") > 1:
         raise AfinarError(f"model.base={base!r}: no such folder. Pass a hub id (org/name), a local folder or a .gguf file.")
+    if not _hub_reachable() and not _in_hub_cache(base):
+        # Fail now rather than after the hub client's minute of retries.
+        raise hub_load_error(base, ConnectionError("the model hub cannot be reached and the model is not in the local cache"))
     return ResolvedModel(base, base, "hub")
+
+
+def _hub_reachable() -> bool:
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname or "huggingface.co"
+    try:
+        socket.getaddrinfo(host, 443)
+        return True
+    except OSError:
+        return False
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except Exception:  # an invalid repo id is simply not cached
+        return False
 
 
 def hub_load_error(base: str, exc: Exception) -> AfinarError:
@@ -105,6 +130,7 @@ def _materialise_gguf(gguf: Path, folder: Path) -> Path:
         fresh.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         atomic.write_json(tmp / "afinar_source.json", source)
+        atomic.make_readable(tmp)
         if folder.exists():
             shutil.rmtree(folder)
         os.replace(tmp, folder)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 
@@ -23,7 +24,7 @@ class TrainingDisplay:
         elif event == "done":
             self._stop()
             self.console.print(
-                f"[green]Run written to {r['output']}[/] in {r['train_time_s']:.0f} s of training "
+                f"[green]Run written to {escape(r['output'])}[/] in {r['train_time_s']:.0f} s of training "
                 f"({r['tokens_per_s']:.0f} tokens/s); final validation loss {r['final_val_loss']}"
             )
         elif "val_loss" in r:

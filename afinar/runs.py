@@ -88,6 +88,7 @@ class RunWriter:
         atomic.write_json(tmp / "metadata.json", metadata)
         plot_losses(self.history, tmp / "loss.png", title=self.output.name)
         atomic.write_text(tmp / "INTEGRATION_GUIDE.md", integration_guide(self.output, cfg, metadata))
+        atomic.make_readable(tmp)
         atomic.fsync_dir(tmp)
         old = None
         if self.output.exists():  # --overwrite: swap, then delete the old run

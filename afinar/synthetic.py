@@ -13,6 +13,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from afinar import atomic
 from afinar.errors import AfinarError
 
 SHAPES = {
@@ -63,6 +64,7 @@ def make_random_model(folder: str | Path, shape: str = "tiny", seed: int = 0, dt
         torch.manual_seed(seed)
         model = MistralForCausalLM(config).to(getattr(torch, dtype))
         model.save_pretrained(tmp)
+        atomic.make_readable(tmp)
         os.replace(tmp, folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

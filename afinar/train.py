@@ -3,7 +3,7 @@
 One optimizer step = `grad_accumulation` micro-batches. The loss is the mean over every
 answer token of the whole step (each micro-batch's token-loss sum is scaled by 1 / targets
 in the step), so the gradient does not depend on how the step is cut into micro-batches.
-Learning rate: linear warmup from 0, then cosine decay to `min_lr_ratio` x peak.
+Learning rate: linear warmup (lr x step / warmup_steps), then cosine decay to `min_lr_ratio` x peak.
 """
 
 from __future__ import annotations

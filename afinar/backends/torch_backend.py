@@ -76,8 +76,16 @@ class TorchBackend:
             raise AfinarError(f"The tokenizer of {model.name!r} has no EOS token: answers could never end.")
 
         torch.manual_seed(self.cfg.train.seed)  # LoRA init is random: same seed, same adapter
+        merge = not trainable and adapter_dir is not None and self.device.type == "cpu"
+        if merge and quantize:
+            # bitsandbytes' CPU 4-bit inference kernels are slow (seconds per token here):
+            # answer with the dequantized NF4 weights in plain Linear layers instead, which
+            # compute what training computed, several times faster.
+            _dequantize_4bit(base, self.dtype)
         if adapter_dir is not None:
             self.model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=trainable)
+            if merge:  # fold B A into W once: no adapter overhead per token
+                self.model = self.model.merge_and_unload()
         else:
             lora = self.cfg.lora
             try:
@@ -138,7 +146,7 @@ class TorchBackend:
         targets = targets[:, 1:]
         keep = targets != IGNORE
         n = int(keep.sum())
-        base = self.model.get_base_model()
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         head = base.get_output_embeddings()
         if getattr(base.config, "final_logit_softcapping", None) is None and hasattr(base, "get_decoder"):
             hidden = base.get_decoder()(input_ids=ids, attention_mask=attn).last_hidden_state
@@ -250,3 +258,23 @@ def _keep_cpu_4bit_differentiable(model) -> None:
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit):
             module.support_avx512bf16_for_cpu = False
+
+
+def _dequantize_4bit(model, dtype) -> None:
+    """Replace every bitsandbytes Linear4bit by an nn.Linear holding its dequantized weight."""
+    import bitsandbytes as bnb
+    from bitsandbytes.functional import dequantize_4bit
+
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, bnb.nn.Linear4bit):
+                linear = torch.nn.Linear(child.in_features, child.out_features, bias=child.bias is not None,
+                                         dtype=dtype, device=child.weight.device)
+                with torch.no_grad():
+                    linear.weight.copy_(dequantize_4bit(child.weight.data, child.weight.quant_state).to(dtype))
+                    if child.bias is not None:
+                        linear.bias.copy_(child.bias.to(dtype))
+                setattr(parent, name, linear)
+    if hasattr(model, "hf_quantizer"):
+        model.hf_quantizer = None
+    model.is_loaded_in_4bit = False
