@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Iterator, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -101,32 +101,19 @@ class Config(_Section):
 # ---------------------------------------------------------------- loading and errors
 
 
-def _valid_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
-    keys = []
-    for name, field in model.model_fields.items():
+def _fields(model: type[BaseModel] = None, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """(dotted key, pydantic FieldInfo) for every leaf setting, in declaration order."""
+    for name, field in (model or Config).model_fields.items():
         ann = field.annotation
         if isinstance(ann, type) and issubclass(ann, BaseModel):
-            keys += _valid_keys(ann, f"{prefix}{name}.")
+            yield from _fields(ann, f"{prefix}{name}.")
         else:
-            keys.append(prefix + name)
-    return keys
+            yield prefix + name, field
 
 
-VALID_KEYS = _valid_keys(Config)
-
-
-def _text_keys(model: type[BaseModel], prefix: str = "") -> set[str]:
-    keys = set()
-    for name, field in model.model_fields.items():
-        ann = field.annotation
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
-            keys |= _text_keys(ann, f"{prefix}{name}.")
-        elif ann in (str, str | None):
-            keys.add(prefix + name)
-    return keys
-
-
-TEXT_KEYS = _text_keys(Config)
+VALID_KEYS = [key for key, _ in _fields()]
+# Free-text settings: `--set` keeps their value as typed.
+TEXT_KEYS = {key for key, field in _fields() if field.annotation in (str, str | None)}
 # Common short names people type for a key.
 ALIASES = {"lr": "learning_rate", "bs": "batch_size", "r": "rank", "steps": "max_steps", "accumulation": "grad_accumulation"}
 
@@ -261,14 +248,7 @@ def _deepcopy(obj: Any) -> Any:
     return obj
 
 
-def describe_fields(model: type[BaseModel] = Config, prefix: str = "") -> list[tuple[str, str, str]]:
+def describe_fields() -> list[tuple[str, str, str]]:
     """(key, default, description) for every setting: the config reference, generated."""
-    rows = []
-    for name, field in model.model_fields.items():
-        ann = field.annotation
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
-            rows += describe_fields(ann, f"{prefix}{name}.")
-        else:
-            default = field.default_factory() if field.default_factory else field.default
-            rows.append((prefix + name, repr(default), field.description or ""))
-    return rows
+    return [(key, repr(field.default_factory() if field.default_factory else field.default), field.description or "")
+            for key, field in _fields()]

@@ -11,9 +11,7 @@ import hashlib
 import importlib.util
 import json
 import os
-import shutil
 import socket
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -114,9 +112,7 @@ def _materialise_gguf(gguf: Path, folder: Path) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
-    try:
+    with atomic.folder(folder) as tmp:
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         # A model loaded from GGUF refuses save_pretrained ("not serializable"): rebuild it from
@@ -130,13 +126,6 @@ def _materialise_gguf(gguf: Path, folder: Path) -> Path:
         fresh.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         atomic.write_json(tmp / "afinar_source.json", source)
-        atomic.make_readable(tmp)
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return folder
 
 
@@ -164,6 +153,7 @@ def content_hash(model: ResolvedModel) -> str | None:
             cache[key] = h.hexdigest()
             changed = True
         digest.update(f"{p.name}:{cache[key]}\n".encode())
-    if changed:
+    if changed:  # drop entries of files that are gone (temporary test models, deleted caches)
+        cache = {k: v for k, v in cache.items() if Path(k.rsplit(":", 2)[0]).exists()}
         atomic.write_json(cache_file, cache)
     return digest.hexdigest()

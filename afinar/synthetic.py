@@ -8,9 +8,7 @@ chat template mistral-common generates for it. Nothing is downloaded.
 
 from __future__ import annotations
 
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 from afinar import atomic
@@ -55,18 +53,11 @@ def make_random_model(folder: str | Path, shape: str = "tiny", seed: int = 0, dt
     folder = Path(folder)
     if (folder / "config.json").is_file():
         return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
-    try:
+    with atomic.folder(folder) as tmp:
         tok = mistral_tokenizer(tmp)
         config = MistralConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                                tie_word_embeddings=False, **SHAPES[shape])
         torch.manual_seed(seed)
         model = MistralForCausalLM(config).to(getattr(torch, dtype))
         model.save_pretrained(tmp)
-        atomic.make_readable(tmp)
-        os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return folder
