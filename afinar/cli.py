@@ -64,11 +64,14 @@ def user_errors(json_errors: bool = False):
 
 def quiet_libraries() -> None:
     """transformers' own progress bars (GGUF conversion, weight loading) only clutter ours."""
+    import logging as std_logging
     import warnings
 
     from transformers.utils import logging
 
     logging.disable_progress_bar()
+    # bitsandbytes announces an optional hub-downloaded CPU kernel we deliberately do without.
+    std_logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(std_logging.ERROR)
     # peft still calls a transformers API deprecated for v6; not the user's concern.
     warnings.filterwarnings("ignore", category=FutureWarning)
 

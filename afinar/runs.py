@@ -192,4 +192,5 @@ from peft import PeftModel
 base = AutoModelForCausalLM.from_pretrained("{metadata.get("base_model", {}).get("path", cfg.model.base)}")
 model = PeftModel.from_pretrained(base, "{output}")
 ```
+{"For this QLoRA run, pass the same `BitsAndBytesConfig` as training (NF4, double quant: see `qlora_config.json`) to `from_pretrained` to compute exactly what was trained; afinar itself answers on CPU with the NF4 weights dequantized and the adapter merged, which is the same function." if cfg.method == "qlora" else ""}
 """
