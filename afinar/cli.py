@@ -24,6 +24,7 @@ from afinar.errors import AfinarError
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TQDM_DISABLE", "1")  # GGUF conversion and weight loading bars; ours are rich
 
 app = typer.Typer(
     help="afinar: fine-tune an open LLM on your own Q&A data (LoRA / QLoRA), measure it, and answer in JSON.",
