@@ -72,9 +72,15 @@ def folder(target: str | Path) -> Iterator[Path]:
     try:
         yield tmp
         make_readable(tmp)
-        if target.exists():
-            shutil.rmtree(target)
+        old = None
+        if target.exists():  # move the old one aside first: a crash now still leaves one of them
+            old = target.with_name(f".{target.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(target, old)
         os.replace(tmp, target)
+        fsync_dir(target.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -53,7 +53,7 @@ def user_errors(json_errors: bool = False):
                     print(json.dumps({"error": {"message": str(e), "type": "user_error"}}, ensure_ascii=False), file=sys.stderr)
                 else:
                     err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
-                raise typer.Exit(2) from None
+                raise typer.Exit(getattr(e, "exit_code", 2)) from None
             except KeyboardInterrupt:
                 err_console.print("[yellow]Interrupted.[/]")
                 raise typer.Exit(130) from None
@@ -113,19 +113,39 @@ def demo(
 @app.command()
 @user_errors()
 def train(
-    output: Annotated[Path, typer.Option("--output", "-o", help="Run folder to write (must not exist unless --overwrite).")],
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Run folder to write (must not exist unless --overwrite).")] = None,
     config: ConfigOpt = None,
     preset: PresetOpt = None,
     set_: SetOpt = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing run folder (only once the new run is complete).")] = False,
+    resume: Annotated[Optional[Path], typer.Option(help="Continue the unfinished run RUN (RUN.partial/) from its newest checkpoint.")] = None,
+    force: Annotated[bool, typer.Option(help="With --resume: continue even if the config differs from the run's.")] = False,
 ):
     """Fine-tune with LoRA or QLoRA and write a self-contained run folder."""
     from afinar.progress import TrainingDisplay
     from afinar.train import run_training
 
     quiet_libraries()
-    cfg = resolve_config(config, preset, set_)
-    run_training(cfg, output, overwrite, on_event=TrainingDisplay(err_console, cfg.train.log_every))
+    if resume is not None:
+        if output is not None and output != resume:
+            raise AfinarError(f"--resume {resume} and --output {output} name different runs: give one, or the same.")
+        output = resume
+        saved = resume.with_name(resume.name + ".partial") / "training_config.json"
+        if not (config or preset or set_) and saved.is_file():
+            from afinar.config import build_config
+
+            cfg = build_config(json.loads(saved.read_text(encoding="utf-8")), source=str(saved))
+        else:
+            cfg = resolve_config(config, preset, set_)
+    elif output is None:
+        raise AfinarError("Missing --output RUN: the folder to write the run into.")
+    else:
+        cfg = resolve_config(config, preset, set_)
+    path = run_training(cfg, output, overwrite, on_event=TrainingDisplay(err_console, cfg.train.log_every),
+                        resume=resume is not None, force=force)
+    stopped = json.loads((path / "metadata.json").read_text()).get("stopped")
+    if stopped and stopped["reason"] == "diverged":
+        raise typer.Exit(3)
 
 
 @app.command()

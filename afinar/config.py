@@ -68,6 +68,15 @@ class TrainConfig(_Section):
         True, description="Batch examples of similar length together (less padding, same examples per epoch)."
     )
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward: less memory, ~30% slower.")
+    save_every: int = Field(200, ge=0, description="Write checkpoints/step_NNNNNNN/ every N steps (0 = never); resume starts from the newest.")
+    keep_checkpoints: int = Field(3, ge=1, description="How many step checkpoints to keep (checkpoints/best/ is kept apart).")
+    final_adapter: Literal["best", "last"] = Field(
+        "best", description="Which adapter the run folder holds at the end: lowest validation loss, or the last step."
+    )
+    early_stopping_patience: int = Field(0, ge=0, description="Stop after N validation checks without improvement (0 = off).")
+    divergence_factor: float = Field(
+        5.0, ge=0, description="Stop when the smoothed loss exceeds this many times its running minimum (0 = only NaN/inf)."
+    )
 
 
 class DataConfig(_Section):

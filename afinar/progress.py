@@ -27,6 +27,12 @@ class TrainingDisplay:
                 f"[green]Run written to {escape(r['output'])}[/] in {r['train_time_s']:.0f} s of training "
                 f"({r['tokens_per_s']:.0f} tokens/s); final validation loss {r['final_val_loss']}"
             )
+        elif event == "stopped":
+            self._stop()
+            self.console.print(f"[yellow]{escape(r['message'])}[/] The run keeps the best validation checkpoint.")
+        elif event == "crashed":
+            self._stop()
+            self.console.print(f"[yellow]Training stopped; its checkpoints are kept. Continue with: {escape(r['resume'])}[/]")
         elif "val_loss" in r:
             self.console.print(f"  step {r['step']:>5}  validation loss {r['val_loss']:.4f}  (best {r['best_val_loss']:.4f})")
         elif "loss" in r:
@@ -40,6 +46,7 @@ class TrainingDisplay:
             f"{r['train_examples']} examples, {r['val_examples']} validation, {self.total} steps"
             + (f", {r['truncated']} truncated" if r["truncated"] else "")
             + (f", {r['dropped']} dropped (no answer token left)" if r["dropped"] else "")
+            + (f"; resuming after step {r['resumed_from']}" if r.get("resumed_from") else "")
         )
         if r["warmup_steps"] >= self.total:
             self.console.print(

@@ -11,6 +11,7 @@ so a crashed or interrupted run never leaves a folder that looks finished.
   metrics.jsonl                                    the same, one JSON line per event, appended as it happens
   loss.png                                         train and validation loss curves
   INTEGRATION_GUIDE.md                             how to call this run from the CLI, HTTP and Node
+  checkpoints/step_NNNNNNN/, checkpoints/best/     resumable states and the best adapter (see checkpoints.py)
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from afinar import atomic
+from afinar import atomic, checkpoints
 from afinar.config import Config, build_config
 from afinar.errors import AfinarError
 
@@ -53,15 +54,60 @@ class RunWriter:
         return self.output.with_name(self.output.name + ".partial")
 
     @classmethod
-    def create(cls, output: str | Path, overwrite: bool = False) -> "RunWriter":
+    def create(cls, output: str | Path, overwrite: bool = False, cfg: Config | None = None) -> "RunWriter":
         output = Path(output)
         if output.exists() and not overwrite:
             raise AfinarError(f"Output folder {output} already exists. Choose another --output, or pass --overwrite to replace it.")
         writer = cls(output)
-        if writer.tmp.exists():  # leftovers of a crashed run
+        if writer.tmp.exists():
+            saved = checkpoints.step_checkpoints(writer.tmp)
+            if saved and not overwrite:
+                raise AfinarError(
+                    f"{writer.tmp} holds an unfinished run with a checkpoint at step {saved[-1][0]}. "
+                    f"Continue it with: afinar train --resume {output}  (or pass --overwrite to start over)."
+                )
             shutil.rmtree(writer.tmp)
         writer.tmp.mkdir(parents=True)
+        checkpoints.folder(writer.tmp).mkdir()
+        if cfg is not None:  # first thing written: what a resume must match
+            atomic.write_json(writer.tmp / "training_config.json", cfg.model_dump(mode="json"))
         return writer
+
+    @classmethod
+    def reopen(cls, output: str | Path, cfg: Config, force: bool = False) -> "RunWriter":
+        """The unfinished run at `<output>.partial/`, checked against `cfg`."""
+        output = Path(output)
+        writer = cls(output)
+        saved_cfg = writer.tmp / "training_config.json"
+        if not saved_cfg.is_file():
+            done = " It has finished already." if (output / "metadata.json").is_file() else ""
+            raise AfinarError(f"Nothing to resume: {writer.tmp} does not hold an unfinished run.{done}")
+        before = _flatten(json.loads(saved_cfg.read_text(encoding="utf-8")))
+        after = _flatten(cfg.model_dump(mode="json"))
+        differ = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+        if differ and not force:
+            changes = "; ".join(f"{k}: {before.get(k)!r} -> {after.get(k)!r}" for k in differ)
+            raise AfinarError(f"The config differs from the run being resumed ({changes}). "
+                              "Resume with the same settings, or pass --force to continue anyway.")
+        if differ:
+            atomic.write_json(saved_cfg, cfg.model_dump(mode="json"))
+        return writer
+
+    def truncate(self, step: int) -> None:
+        """Forget metrics logged after `step` (work lost with the crash) and reload the rest."""
+        path = self.tmp / "metrics.jsonl"
+        lines = path.read_text(encoding="utf-8").splitlines() if path.is_file() else []
+        kept = []
+        for line in lines:
+            try:
+                record = json.loads(line)
+            except ValueError:  # a line cut short by the crash
+                break
+            if record.get("step", 0) > step:
+                break
+            kept.append(record)
+        atomic.write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+        self.history = kept
 
     def log(self, record: dict) -> None:
         """Append one metrics record (a training step or an evaluation)."""
@@ -103,6 +149,16 @@ class RunWriter:
 
     def abandon(self) -> None:
         shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
 
 
 def load_run(path: str | Path) -> tuple[Config, dict]:

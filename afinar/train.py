@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import math
 import platform
+import shutil
+import signal
 import sys
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Iterator
 
-from afinar import __version__, data, models
+from afinar import __version__, checkpoints, data, models
 from afinar.backends import get_backend
 from afinar.config import Config
 from afinar.errors import AfinarError
@@ -82,106 +85,244 @@ def validation_loss(backend, val: list[data.Encoded], batch_size: int) -> float 
     return loss / n
 
 
+@dataclass
+class LoopState:
+    """Everything the loop carries from step to step; saved in each checkpoint, so resume is exact."""
+
+    step: int = 0
+    consumed: int = 0  # micro-batches taken from the deterministic stream
+    epoch: int = 0
+    tokens_seen: int = 0
+    targets_seen: int = 0
+    best_val: float | None = None
+    best_step: int | None = None
+    last_val: float | None = None
+    evals_without_improvement: int = 0
+    smoothed_loss: float | None = None
+    smoothed_min: float | None = None
+    train_time_s: float = 0.0
+
+
+class TrainingInterrupted(AfinarError):
+    exit_code = 130
+
+
 def run_training(cfg: Config, output: str | Path, overwrite: bool = False,
-                 on_event: Callable[[dict], None] | None = None) -> Path:
-    """Train per `cfg` and write the run folder at `output`. `on_event` sees every metrics record."""
+                 on_event: Callable[[dict], None] | None = None, resume: bool = False, force: bool = False) -> Path:
+    """Train per `cfg` and write the run folder at `output`. `on_event` sees every metrics record.
+
+    With `resume`, continue `<output>.partial/` from its newest checkpoint (same data order,
+    schedule, optimizer and RNG states: the result equals an uninterrupted run).
+    """
     started = time.time()
     train_ex = data.read_jsonl(cfg.data.train)
     val_ex = data.read_jsonl(cfg.data.val) if cfg.data.val else []
     if len(train_ex) < cfg.train.batch_size:
         raise AfinarError(f"{cfg.data.train} has {len(train_ex)} examples, fewer than train.batch_size={cfg.train.batch_size}.")
     resolved = models.resolve(cfg.model.base)
-    writer = RunWriter.create(output, overwrite)
+    writer = RunWriter.reopen(output, cfg, force) if resume else RunWriter.create(output, overwrite, cfg)
+    emit = on_event or (lambda record: None)
+    stop = _StopSignal()
     try:
         backend = get_backend(cfg)
         tokenizer = backend.load(resolved)
         prepared = prepare(cfg, tokenizer, train_ex, val_ex)
         steps = total_steps(cfg, len(prepared.train))
-        emit = on_event or (lambda record: None)
+        state, resumed_from = LoopState(), None
+        if resume and (found := checkpoints.latest(writer.tmp)):
+            saved, folder = found
+            backend.load_checkpoint(folder)
+            state, resumed_from = LoopState(**saved["loop"]), saved["loop"]["step"]
+            writer.truncate(state.step)
+        elif resume:
+            writer.truncate(0)
         emit({"event": "start", "total_steps": steps, "train_examples": len(prepared.train),
               "val_examples": len(prepared.val), "truncated": prepared.truncated, "dropped": prepared.dropped,
-              "device": backend.describe(), "warmup_steps": cfg.train.warmup_steps})
+              "device": backend.describe(), "warmup_steps": cfg.train.warmup_steps, "resumed_from": resumed_from})
 
         stream = micro_batches(prepared, cfg)
-        tokens_seen = targets_seen = 0
-        best_val, best_step, last_val = math.inf, 0, None
-        loop_start = time.time()
-        epoch = 0
-        for step in range(1, steps + 1):
-            t0 = time.time()
-            window = [next(stream) for _ in range(cfg.train.grad_accumulation)]
-            epoch = window[-1][0]
-            n_targets = sum(e.n_targets for _, mb in window for e in mb)
-            loss_sum = 0.0
-            for _, mb in window:
-                s, _ = backend.forward_backward(mb, scale=1.0 / n_targets)
-                loss_sum += s
-            lr = lr_at(step, steps, cfg)
-            grad_norm = backend.optimizer_step(lr)
-            loss = loss_sum / n_targets
-            if not math.isfinite(loss):
-                raise AfinarError(
-                    f"Training loss became {loss} at step {step}. Lower train.learning_rate (now {cfg.train.learning_rate}) "
-                    f"or raise train.warmup_steps (now {cfg.train.warmup_steps})."
-                )
-            step_tokens = sum(len(e.input_ids) for _, mb in window for e in mb)
-            tokens_seen += step_tokens
-            targets_seen += n_targets
-            dt = time.time() - t0
-            record = {"step": step, "epoch": round(epoch + 1, 3), "loss": round(loss, 5), "lr": lr,
-                      "grad_norm": round(grad_norm, 4), "tokens": tokens_seen, "tokens_per_s": round(step_tokens / dt, 1),
-                      "elapsed_s": round(time.time() - loop_start, 2), **_round(backend.memory())}
-            writer.log(record)
-            emit(record)
-            if step % cfg.train.eval_every == 0 or step == steps:
-                last_val = validation_loss(backend, prepared.val, max(cfg.train.batch_size, 8))
-                if last_val is not None:
-                    if last_val < best_val:
-                        best_val, best_step = last_val, step
-                    record = {"step": step, "val_loss": round(last_val, 5), "best_val_loss": round(best_val, 5)}
-                    writer.log(record)
-                    emit(record)
-                writer.write_state(_state(step, steps, epoch, best_val, best_step))
-        backend.save_adapter(writer.tmp)
-        train_time = time.time() - loop_start
-        memory = _round(backend.memory())
-        metadata = {
-            "afinar_version": __version__,
-            "method": cfg.method,
-            "base_model": {"name": cfg.model.base, "path": resolved.path, "source": resolved.source,
-                           "sha256": models.content_hash(resolved)},
-            "data": {split: _data_info(path, n) for split, path, n in
-                     (("train", cfg.data.train, len(train_ex)), ("val", cfg.data.val, len(val_ex))) if path},
-            "examples_truncated": prepared.truncated,
-            "examples_dropped": prepared.dropped,
-            "device": backend.describe(),
-            "host": {"python": sys.version.split()[0], "platform": platform.platform()},
-            "steps": steps,
-            "epochs_completed": round(steps * cfg.train.grad_accumulation * cfg.train.batch_size / len(prepared.train), 3),
-            "tokens_seen": tokens_seen,
-            "target_tokens_seen": targets_seen,
-            "train_time_s": round(train_time, 2),
-            "wall_time_s": round(time.time() - started, 2),
-            "tokens_per_s": round(tokens_seen / train_time, 1),
-            "peak_memory_mb": memory["peak_memory_mb"],
-            "final_train_loss": next(r["loss"] for r in reversed(writer.history) if "loss" in r),
-            "final_val_loss": None if last_val is None else round(last_val, 5),
-            "best_val_loss": None if best_step == 0 else round(best_val, 5),
-            "best_val_step": best_step or None,
-            "adapter_step": steps,
-            "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        }
-        path = writer.finish(cfg, metadata, _state(steps, steps, epoch, best_val, best_step))
-        emit({"event": "done", "output": str(path), **{k: metadata[k] for k in ("train_time_s", "tokens_per_s", "final_val_loss")}})
-        return path
-    except BaseException:
-        writer.abandon()
+        for _ in range(state.consumed):  # replay the data order up to the checkpoint
+            next(stream)
+        stopped = None
+        with stop:
+            while state.step < steps and stopped is None:
+                stopped = _train_step(cfg, backend, prepared, stream, state, steps, writer, emit)
+                if stopped is None and stop.requested:
+                    checkpoints.save(writer.tmp, backend, _ckpt_state(state, steps), cfg.train.keep_checkpoints)
+                    raise TrainingInterrupted(
+                        f"Interrupted: checkpoint saved at step {state.step} of {steps}. "
+                        f"Resume with: afinar train --resume {output}"
+                    )
+        if stopped:
+            emit({"event": "stopped", **stopped})
+        return _finish(cfg, writer, backend, resolved, prepared, train_ex, val_ex, state, steps, started,
+                       resumed_from, stopped, emit)
+    except BaseException as e:
+        if checkpoints.step_checkpoints(writer.tmp):
+            # A crash loses at most the work since the last checkpoint.
+            if not isinstance(e, TrainingInterrupted):
+                emit({"event": "crashed", "resume": f"afinar train --resume {output}"})
+        else:
+            writer.abandon()
         raise
 
 
-def _state(step: int, total: int, epoch: int, best_val: float, best_step: int) -> dict:
-    return {"global_step": step, "max_steps": total, "epoch": epoch + 1,
-            "best_val_loss": None if best_step == 0 else round(best_val, 5), "best_step": best_step or None}
+def _train_step(cfg, backend, prepared, stream, state: LoopState, steps: int, writer, emit) -> dict | None:
+    """One optimizer step, its logging, evaluation and checkpoint; a dict if training must stop."""
+    t0 = time.time()
+    step = state.step + 1
+    window = [next(stream) for _ in range(cfg.train.grad_accumulation)]
+    n_targets = sum(e.n_targets for _, mb in window for e in mb)
+    loss_sum = 0.0
+    for _, mb in window:
+        s, _ = backend.forward_backward(mb, scale=1.0 / n_targets)
+        loss_sum += s
+    lr = lr_at(step, steps, cfg)
+    grad_norm = backend.optimizer_step(lr)
+    loss = loss_sum / n_targets
+    state.step, state.consumed, state.epoch = step, state.consumed + len(window), window[-1][0]
+    diverged = _divergence(cfg, state, loss)
+    if diverged:
+        return diverged
+    step_tokens = sum(len(e.input_ids) for _, mb in window for e in mb)
+    state.tokens_seen += step_tokens
+    state.targets_seen += n_targets
+    dt = time.time() - t0
+    state.train_time_s += dt
+    record = {"step": step, "epoch": round(state.epoch + 1, 3), "loss": round(loss, 5), "lr": lr,
+              "grad_norm": round(grad_norm, 4), "tokens": state.tokens_seen, "tokens_per_s": round(step_tokens / dt, 1),
+              "elapsed_s": round(state.train_time_s, 2), **_round(backend.memory())}
+    writer.log(record)
+    emit(record)
+    stopped = None
+    if step % cfg.train.eval_every == 0 or step == steps:
+        stopped = _evaluate(cfg, backend, prepared, state, steps, writer, emit)
+    if cfg.train.save_every and (step % cfg.train.save_every == 0) and step < steps:
+        checkpoints.save(writer.tmp, backend, _ckpt_state(state, steps), cfg.train.keep_checkpoints)
+    return stopped
+
+
+def _evaluate(cfg, backend, prepared, state: LoopState, steps: int, writer, emit) -> dict | None:
+    val = validation_loss(backend, prepared.val, max(cfg.train.batch_size, 8))
+    if val is None:
+        return None
+    state.last_val = val
+    if state.best_val is None or val < state.best_val:
+        state.best_val, state.best_step, state.evals_without_improvement = val, state.step, 0
+        checkpoints.save_best(writer.tmp, backend, state.step, val)
+    else:
+        state.evals_without_improvement += 1
+    record = {"step": state.step, "val_loss": round(val, 5), "best_val_loss": round(state.best_val, 5)}
+    writer.log(record)
+    emit(record)
+    writer.write_state(_state(state, steps))
+    patience = cfg.train.early_stopping_patience
+    if patience and state.evals_without_improvement >= patience:
+        return {"reason": "early_stopping", "step": state.step,
+                "message": f"No validation improvement in {patience} checks since step {state.best_step} "
+                           f"(best {state.best_val:.4f}): stopped early."}
+    return None
+
+
+def _divergence(cfg, state: LoopState, loss: float) -> dict | None:
+    """NaN/inf, or the smoothed loss far above its running minimum: stop with advice."""
+    t = cfg.train
+    advice = (f"Try --set train.learning_rate={t.learning_rate / 2:g} (now {t.learning_rate:g}) "
+              f"and --set train.warmup_steps={max(2 * t.warmup_steps, 10)} (now {t.warmup_steps}).")
+    if not math.isfinite(loss):
+        return {"reason": "diverged", "step": state.step, "message": f"Training loss became {loss} at step {state.step}. {advice}"}
+    state.smoothed_loss = loss if state.smoothed_loss is None else 0.9 * state.smoothed_loss + 0.1 * loss
+    state.smoothed_min = min(state.smoothed_min if state.smoothed_min is not None else math.inf, state.smoothed_loss)
+    factor = t.divergence_factor
+    if factor and state.smoothed_loss > factor * state.smoothed_min:
+        return {"reason": "diverged", "step": state.step,
+                "message": f"Training loss diverged at step {state.step}: smoothed {state.smoothed_loss:.3f} > "
+                           f"{factor:g} x its minimum {state.smoothed_min:.3f}. {advice}"}
+    return None
+
+
+def _finish(cfg, writer, backend, resolved, prepared, train_ex, val_ex, state: LoopState, steps, started,
+            resumed_from, stopped, emit) -> Path:
+    best = checkpoints.best(writer.tmp)
+    if stopped and stopped["reason"] == "diverged" and best is None:
+        raise AfinarError(stopped["message"] + " No validation checkpoint was saved before it, so no run was written.")
+    use_best = best is not None and (cfg.train.final_adapter == "best" or stopped and stopped["reason"] == "diverged")
+    if use_best:
+        for name in ("adapter_model.safetensors", "adapter_config.json"):
+            shutil.copy2(best[1] / name, writer.tmp / name)
+        adapter_step, adapter_source = best[0]["step"], "best"
+    else:
+        backend.save_adapter(writer.tmp)
+        adapter_step, adapter_source = state.step, "last"
+    train_time = max(state.train_time_s, 1e-9)
+    metadata = {
+        "afinar_version": __version__,
+        "method": cfg.method,
+        "base_model": {"name": cfg.model.base, "path": resolved.path, "source": resolved.source,
+                       "sha256": models.content_hash(resolved)},
+        "data": {split: _data_info(path, n) for split, path, n in
+                 (("train", cfg.data.train, len(train_ex)), ("val", cfg.data.val, len(val_ex))) if path},
+        "examples_truncated": prepared.truncated,
+        "examples_dropped": prepared.dropped,
+        "device": backend.describe(),
+        "host": {"python": sys.version.split()[0], "platform": platform.platform()},
+        "steps": state.step,
+        "planned_steps": steps,
+        "epochs_completed": round(state.consumed * cfg.train.batch_size / len(prepared.train), 3),
+        "tokens_seen": state.tokens_seen,
+        "target_tokens_seen": state.targets_seen,
+        "train_time_s": round(state.train_time_s, 2),
+        "wall_time_s": round(time.time() - started, 2),
+        "tokens_per_s": round(state.tokens_seen / train_time, 1),
+        "peak_memory_mb": _round(backend.memory())["peak_memory_mb"],
+        "final_train_loss": next((r["loss"] for r in reversed(writer.history) if "loss" in r), None),
+        "final_val_loss": None if state.last_val is None else round(state.last_val, 5),
+        "best_val_loss": None if state.best_val is None else round(state.best_val, 5),
+        "best_val_step": state.best_step,
+        "adapter_step": adapter_step,
+        "adapter_source": adapter_source,
+        "resumed_from_step": resumed_from,
+        "stopped": stopped,
+        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    path = writer.finish(cfg, metadata, _state(state, steps))
+    emit({"event": "done", "output": str(path), **{k: metadata[k] for k in ("train_time_s", "tokens_per_s", "final_val_loss")}})
+    return path
+
+
+def _ckpt_state(state: LoopState, steps: int) -> dict:
+    return {"step": state.step, "total_steps": steps, "loop": asdict(state)}
+
+
+class _StopSignal:
+    """SIGINT/SIGTERM ask the loop to stop after the current step; a second Ctrl-C aborts at once."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print(f"\n{signal.Signals(signum).name}: finishing this step and saving a checkpoint "
+              "(press Ctrl-C again to abort without one).", file=sys.stderr, flush=True)
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False
+
+
+def _state(state: LoopState, steps: int) -> dict:
+    return {"global_step": state.step, "max_steps": steps, "epoch": state.epoch + 1, "best_val_loss": state.best_val,
+            "best_step": state.best_step, "tokens_seen": state.tokens_seen}
 
 
 def _round(d: dict) -> dict:

@@ -31,6 +31,12 @@ class Backend(Protocol):
     def save_adapter(self, folder: Path) -> None:
         """Write the adapter in PEFT format (adapter_model.safetensors + adapter_config.json)."""
 
+    def save_checkpoint(self, folder: Path) -> None:
+        """Adapter, optimizer state and every RNG state (python, numpy, framework, device)."""
+
+    def load_checkpoint(self, folder: Path) -> None:
+        """Restore what `save_checkpoint` wrote into the loaded, trainable model."""
+
     def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
                  top_p: float = 1.0, seed: int = 0) -> list[list[int]]:
         """New token ids for each prompt (batched), without the closing EOS."""

@@ -184,6 +184,39 @@ class TorchBackend:
         self.model.save_pretrained(str(folder))
         (Path(folder) / "README.md").unlink(missing_ok=True)  # PEFT's empty model card; we write our own guide
 
+    def save_checkpoint(self, folder: Path) -> None:
+        import random
+
+        import numpy as np
+
+        self.save_adapter(folder)
+        torch.save(self.optimizer.state_dict(), Path(folder) / "optimizer.pt")
+        rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        torch.save(rng, Path(folder) / "rng_state.pt")
+
+    def load_checkpoint(self, folder: Path) -> None:
+        import random
+
+        import numpy as np
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        weights = load_file(folder / "adapter_model.safetensors", device=str(self.device))
+        result = set_peft_model_state_dict(self.model, weights)
+        if getattr(result, "unexpected_keys", None):
+            raise AfinarError(f"{folder}: the checkpoint's adapter does not fit this model ({result.unexpected_keys[:3]}...).")
+        self.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location=self.device, weights_only=True))
+        # RNG states hold Python objects (tuples, numpy arrays): our own file, so full unpickling is fine.
+        rng = torch.load(folder / "rng_state.pt", weights_only=False)
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and self.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], self.device)
+
     # ------------------------------------------------------------ inference
 
     @torch.inference_mode()
