@@ -29,6 +29,18 @@ def system_memory_gb() -> float:
         return 0.0
 
 
+def available_memory_gb() -> float:
+    """Memory the OS can still give this process (MemAvailable on Linux; total elsewhere)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return system_memory_gb()
+
+
 def detect() -> Hardware:
     cpus = os.cpu_count() or 1
     try:

@@ -27,6 +27,9 @@ class TrainingDisplay:
                 f"[green]Run written to {escape(r['output'])}[/] in {r['train_time_s']:.0f} s of training "
                 f"({r['tokens_per_s']:.0f} tokens/s); final validation loss {r['final_val_loss']}"
             )
+        elif event == "out_of_memory":
+            self.console.print(f"[yellow]Out of memory at step {r['step']}: retrying with micro-batch {r['micro_batch']} "
+                               f"x accumulation {r['grad_accumulation']} (same effective batch).[/]")
         elif event == "stopped":
             self._stop()
             self.console.print(f"[yellow]{escape(r['message'])}[/] The run keeps the best validation checkpoint.")
@@ -48,6 +51,16 @@ class TrainingDisplay:
             + (f", {r['dropped']} dropped (no answer token left)" if r["dropped"] else "")
             + (f"; resuming after step {r['resumed_from']}" if r.get("resumed_from") else "")
         )
+        m = r["memory_estimate_mb"]
+        self.console.print(
+            f"Estimated memory per step: {m['total']:,.0f} MiB (weights {m['weights']:,.0f}, LoRA {m['lora']:,.0f}, "
+            f"optimizer {m['optimizer']:,.0f}, activations {m['activations']:,.0f}); available {m['available']:,.0f} MiB."
+        )
+        if m["total"] > m["available"]:
+            self.console.print(
+                "[yellow]Warning: this setting will likely not fit. Lower train.batch_size or train.max_seq_length, "
+                "or set train.gradient_checkpointing=true (afinar also halves the micro-batch by itself on out-of-memory).[/]"
+            )
         if r["warmup_steps"] >= self.total:
             self.console.print(
                 f"[yellow]Note: train.warmup_steps={r['warmup_steps']} >= {self.total} total steps: "

@@ -15,7 +15,7 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Iterator
@@ -101,6 +101,8 @@ class LoopState:
     smoothed_loss: float | None = None
     smoothed_min: float | None = None
     train_time_s: float = 0.0
+    split: int = 1  # micro-batches are cut in this many pieces after out-of-memory errors
+    oom_events: list = field(default_factory=list)
 
 
 class TrainingInterrupted(AfinarError):
@@ -136,7 +138,10 @@ def run_training(cfg: Config, output: str | Path, overwrite: bool = False,
             writer.truncate(state.step)
         elif resume:
             writer.truncate(0)
-        emit({"event": "start", "total_steps": steps, "train_examples": len(prepared.train),
+        widest = max(len(e.input_ids) for e in prepared.train)  # the worst micro-batch: the longest examples together
+        answers = sum(sorted(e.n_targets for e in prepared.train)[-cfg.train.batch_size:])
+        memory_plan = backend.estimate_memory(widest * cfg.train.batch_size, answers)
+        emit({"event": "start", "total_steps": steps, "memory_estimate_mb": memory_plan, "train_examples": len(prepared.train),
               "val_examples": len(prepared.val), "truncated": prepared.truncated, "dropped": prepared.dropped,
               "device": backend.describe(), "warmup_steps": cfg.train.warmup_steps, "resumed_from": resumed_from})
 
@@ -156,7 +161,7 @@ def run_training(cfg: Config, output: str | Path, overwrite: bool = False,
         if stopped:
             emit({"event": "stopped", **stopped})
         return _finish(cfg, writer, backend, resolved, prepared, train_ex, val_ex, state, steps, started,
-                       resumed_from, stopped, emit)
+                       resumed_from, stopped, emit, memory_plan)
     except BaseException as e:
         if checkpoints.step_checkpoints(writer.tmp):
             # A crash loses at most the work since the last checkpoint.
@@ -173,10 +178,7 @@ def _train_step(cfg, backend, prepared, stream, state: LoopState, steps: int, wr
     step = state.step + 1
     window = [next(stream) for _ in range(cfg.train.grad_accumulation)]
     n_targets = sum(e.n_targets for _, mb in window for e in mb)
-    loss_sum = 0.0
-    for _, mb in window:
-        s, _ = backend.forward_backward(mb, scale=1.0 / n_targets)
-        loss_sum += s
+    loss_sum = _accumulate(cfg, backend, [mb for _, mb in window], n_targets, state, writer, emit)
     lr = lr_at(step, steps, cfg)
     grad_norm = backend.optimizer_step(lr)
     loss = loss_sum / n_targets
@@ -200,6 +202,40 @@ def _train_step(cfg, backend, prepared, stream, state: LoopState, steps: int, wr
     if cfg.train.save_every and (step % cfg.train.save_every == 0) and step < steps:
         checkpoints.save(writer.tmp, backend, _ckpt_state(state, steps), cfg.train.keep_checkpoints)
     return stopped
+
+
+def _accumulate(cfg, backend, micro_batches: list, n_targets: int, state: LoopState, writer, emit) -> float:
+    """Forward and backward over one step's micro-batches; on out-of-memory, split them and retry.
+
+    Each micro-batch is cut into `state.split` pieces, so halving the micro-batch doubles the
+    accumulation: the step still sees the same examples with the same loss scale.
+    """
+    while True:
+        try:
+            loss_sum = 0.0
+            for mb in micro_batches:
+                size = math.ceil(len(mb) / state.split)
+                for i in range(0, len(mb), size):
+                    s, _ = backend.forward_backward(mb[i : i + size], scale=1.0 / n_targets)
+                    loss_sum += s
+            return loss_sum
+        except Exception as e:
+            if not backend.is_out_of_memory(e):
+                raise
+            backend.recover_from_out_of_memory()
+            if cfg.train.batch_size // state.split <= 1:
+                raise AfinarError(
+                    f"Out of memory at step {state.step + 1} even with a micro-batch of 1 example. Lower "
+                    f"train.max_seq_length (now {cfg.train.max_seq_length}), set train.gradient_checkpointing=true, "
+                    "or use model.quantization=nf4."
+                ) from None
+            state.split *= 2
+            event = {"event": "out_of_memory", "step": state.step + 1,
+                     "micro_batch": math.ceil(cfg.train.batch_size / state.split),
+                     "grad_accumulation": cfg.train.grad_accumulation * state.split}
+            state.oom_events.append(event)
+            writer.log(event)
+            emit(event)
 
 
 def _evaluate(cfg, backend, prepared, state: LoopState, steps: int, writer, emit) -> dict | None:
@@ -242,7 +278,7 @@ def _divergence(cfg, state: LoopState, loss: float) -> dict | None:
 
 
 def _finish(cfg, writer, backend, resolved, prepared, train_ex, val_ex, state: LoopState, steps, started,
-            resumed_from, stopped, emit) -> Path:
+            resumed_from, stopped, emit, memory_plan) -> Path:
     best = checkpoints.best(writer.tmp)
     if stopped and stopped["reason"] == "diverged" and best is None:
         raise AfinarError(stopped["message"] + " No validation checkpoint was saved before it, so no run was written.")
@@ -282,6 +318,9 @@ def _finish(cfg, writer, backend, resolved, prepared, train_ex, val_ex, state: L
         "adapter_step": adapter_step,
         "adapter_source": adapter_source,
         "resumed_from_step": resumed_from,
+        "memory_estimate_mb": memory_plan,
+        "micro_batch_size": math.ceil(cfg.train.batch_size / state.split),
+        "out_of_memory_events": state.oom_events,
         "stopped": stopped,
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }

@@ -215,3 +215,47 @@ def test_sigkill_at_a_random_step_then_resume_equals_uninterrupted(tiny_model, t
     assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
     assert max_diff(adapter(out), adapter(straight)) <= 1e-6, f"killed after step {kill_after}"
     assert metrics(out) == metrics(straight)
+
+
+def test_out_of_memory_halves_the_micro_batch_and_keeps_the_effective_batch(make_cfg, qa_files, tmp_path, monkeypatch):
+    train, val = qa_files
+    cfg = make_cfg("train.batch_size=4", "train.max_steps=4", "train.eval_every=4", "lora.dropout=0", train=train, val=val)
+    straight = run_training(cfg, tmp_path / "straight")
+
+    original = TorchBackend.forward_backward
+
+    def forward_backward(self, batch, scale):
+        if len(batch) > 1:  # this "device" only fits one example at a time
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
+        return original(self, batch, scale)
+
+    monkeypatch.setattr(TorchBackend, "forward_backward", forward_backward)
+    events = []
+    run = run_training(cfg, tmp_path / "small", on_event=events.append)
+    meta = json.loads((run / "metadata.json").read_text())
+    assert meta["micro_batch_size"] == 1
+    assert [(e["micro_batch"], e["grad_accumulation"]) for e in meta["out_of_memory_events"]] == [(2, 2), (1, 4)]
+    assert [e["event"] for e in events if e.get("event") == "out_of_memory"] == ["out_of_memory"] * 2
+    # Same examples, same loss scale: the same adapter up to float summation order.
+    assert max_diff(adapter(run), adapter(straight)) < 1e-5
+
+
+def test_out_of_memory_at_one_example_gives_up_clearly(make_cfg, qa_files, tmp_path, monkeypatch):
+    train, _ = qa_files
+    monkeypatch.setattr(TorchBackend, "forward_backward",
+                        lambda self, batch, scale: (_ for _ in ()).throw(torch.OutOfMemoryError("out of memory")))
+    out = tmp_path / "run"
+    with pytest.raises(AfinarError, match="micro-batch of 1 example.*max_seq_length"):
+        run_training(make_cfg("train.max_steps=2", train=train), out)
+    assert not out.exists() and not out.with_name("run.partial").exists()
+
+
+def test_memory_estimate_is_reported(make_cfg, qa_files, tmp_path):
+    train, _ = qa_files
+    events = []
+    run = run_training(make_cfg("train.max_steps=1", train=train), tmp_path / "run", on_event=events.append)
+    plan = events[0]["memory_estimate_mb"]
+    assert set(plan) == {"weights", "lora", "optimizer", "activations", "total", "available"}
+    assert plan["weights"] > plan["lora"] > 0 and plan["available"] > plan["total"] > 0
+    assert plan["total"] == pytest.approx(plan["weights"] + plan["lora"] + plan["optimizer"] + plan["activations"], abs=0.5)
+    assert json.loads((run / "metadata.json").read_text())["memory_estimate_mb"] == plan

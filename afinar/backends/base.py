@@ -31,6 +31,15 @@ class Backend(Protocol):
     def save_adapter(self, folder: Path) -> None:
         """Write the adapter in PEFT format (adapter_model.safetensors + adapter_config.json)."""
 
+    def is_out_of_memory(self, error: Exception) -> bool:
+        """Whether `error` is the device running out of memory (then the loop splits the batch)."""
+
+    def recover_from_out_of_memory(self) -> None:
+        """Drop partial gradients and cached memory before the step is retried smaller."""
+
+    def estimate_memory(self, batch_tokens: int, answer_tokens: int) -> dict[str, float]:
+        """MiB for weights, LoRA, optimizer, activations, their total, and what the device has available."""
+
     def save_checkpoint(self, folder: Path) -> None:
         """Adapter, optimizer state and every RNG state (python, numpy, framework, device)."""
 

@@ -184,6 +184,41 @@ class TorchBackend:
         self.model.save_pretrained(str(folder))
         (Path(folder) / "README.md").unlink(missing_ok=True)  # PEFT's empty model card; we write our own guide
 
+    def is_out_of_memory(self, error: Exception) -> bool:
+        # CUDA raises torch.OutOfMemoryError; MPS a RuntimeError saying "MPS backend out of memory".
+        return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
+
+    def recover_from_out_of_memory(self) -> None:
+        import gc
+
+        self.optimizer.zero_grad(set_to_none=True)
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        elif self.device.type == "mps":
+            torch.mps.empty_cache()
+
+    def estimate_memory(self, batch_tokens: int, answer_tokens: int) -> dict[str, float]:
+        """A rough budget, in MiB, of one training step (printed before training starts)."""
+        mib = 2**20
+        config = self.model.get_base_model().config
+        weights = sum(p.numel() * p.element_size() for p in self.model.parameters() if not p.requires_grad)
+        lora = [p for p in self.model.parameters() if p.requires_grad]
+        lora_bytes = sum(p.numel() * p.element_size() for p in lora)
+        optimizer = sum(p.numel() * 4 * 3 for p in lora)  # fp32 gradient + AdamW's two moments
+        hidden, layers = config.hidden_size, config.num_hidden_layers
+        per_token_layer = 2 * hidden if self.cfg.train.gradient_checkpointing else 18 * hidden
+        activations = batch_tokens * layers * per_token_layer * self.dtype.itemsize + answer_tokens * config.vocab_size * 8
+        if self.device.type == "cuda":
+            available = torch.cuda.mem_get_info(self.device)[0] + torch.cuda.memory_allocated(self.device)
+        else:
+            available = hardware.available_memory_gb() * 2**30 + hardware.process_memory_mb()[0] * mib
+        parts = {"weights": weights, "lora": lora_bytes, "optimizer": optimizer, "activations": activations}
+        out = {k: round(v / mib, 3) for k, v in parts.items()}
+        out["total"] = round(sum(parts.values()) / mib, 3)
+        out["available"] = round(available / mib, 1)
+        return out
+
     def save_checkpoint(self, folder: Path) -> None:
         import random
 
