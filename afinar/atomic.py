@@ -63,6 +63,17 @@ def fsync_dir(path: str | Path) -> None:
         os.close(fd)
 
 
+def fsync_tree(folder: str | Path) -> None:
+    for root, _, files in os.walk(folder):
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(root)
+
+
 @contextmanager
 def folder(target: str | Path) -> Iterator[Path]:
     """Build a folder in a temporary sibling; it replaces `target` only if the block succeeds."""
@@ -72,6 +83,7 @@ def folder(target: str | Path) -> Iterator[Path]:
     try:
         yield tmp
         make_readable(tmp)
+        fsync_tree(tmp)  # the files' bytes are on disk before the rename publishes them
         old = None
         if target.exists():  # move the old one aside first: a crash now still leaves one of them
             old = target.with_name(f".{target.name}.old")

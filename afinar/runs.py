@@ -135,7 +135,7 @@ class RunWriter:
         plot_losses(self.history, tmp / "loss.png", title=self.output.name)
         atomic.write_text(tmp / "INTEGRATION_GUIDE.md", integration_guide(self.output, cfg, metadata))
         atomic.make_readable(tmp)
-        atomic.fsync_dir(tmp)
+        atomic.fsync_tree(tmp)
         old = None
         if self.output.exists():  # --overwrite: swap, then delete the old run
             old = self.output.with_name(self.output.name + ".old")
