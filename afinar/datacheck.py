@@ -1,7 +1,14 @@
-"""`afinar data check`: what the data looks like to the model before any training."""
+"""`afinar data check`: what the data looks like to the model before any training.
+
+Errors (a line that cannot be read) are `AfinarError`s from `data.read_jsonl`. What training
+survives is reported and turned into warnings: examples longer than train.max_seq_length
+(cut), examples whose prompt alone fills it (skipped: no answer token left), duplicates,
+special-token text inside the data, and questions in both train and val.
+"""
 
 from __future__ import annotations
 
+import difflib
 import statistics
 from collections import Counter
 from pathlib import Path
@@ -17,10 +24,19 @@ def find_files(path: str | Path) -> dict[str, Path]:
     if path.is_dir():
         files = {name: path / f"{name}.jsonl" for name in ("train", "val") if (path / f"{name}.jsonl").is_file()}
         if not files:
-            raise AfinarError(f"{path} holds no train.jsonl or val.jsonl. Pass a JSONL file or a folder with those files.")
+            inside = sorted(p.name for p in path.iterdir() if not p.name.startswith("."))
+            held = f" (it holds: {', '.join(inside[:6])}{', ...' if len(inside) > 6 else ''})" if inside else " (it is empty)"
+            raise AfinarError(f"{path} holds no train.jsonl or val.jsonl{held}. "
+                              "Pass a JSONL file or a folder with those files.")
         return files
+    if not path.exists():
+        near = []
+        if path.parent.is_dir():
+            near = difflib.get_close_matches(path.name, [p.name for p in path.parent.iterdir()], n=1, cutoff=0.6)
+        mean = f" Did you mean {path.parent / near[0]}?" if near else ""
+        raise AfinarError(f"Data path not found: {path}.{mean} Pass a JSONL file or a folder holding train.jsonl / val.jsonl.")
     if not path.is_file():
-        raise AfinarError(f"Data path not found: {path}. Pass a JSONL file or a folder holding train.jsonl / val.jsonl.")
+        raise AfinarError(f"{path} is not a regular file. Pass a JSONL file or a folder holding train.jsonl / val.jsonl.")
     return {path.stem: path}
 
 
@@ -29,20 +45,43 @@ def _percentile(values: list[int], q: float) -> int:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+def _special_text(example: data.Example, specials: list[str]) -> str | None:
+    """The first special-token string (e.g. '</s>') written inside the example's text, if any."""
+    texts = [m["content"] for m in example.messages] if example.messages else [example.text or ""]
+    return next((s for s in specials for t in texts if s in t), None)
+
+
 def check(path: str | Path, cfg: Config, tokenizer) -> dict:
     """Counts, token lengths, truncation, duplicates and train/val overlap, as one report dict."""
     files = find_files(path)
-    report: dict = {"max_seq_length": cfg.train.max_seq_length, "files": {}}
-    questions: dict[str, set[str]] = {}
+    max_len = cfg.train.max_seq_length
+    report: dict = {"max_seq_length": max_len, "files": {}}
+    questions: dict[str, dict[str, str]] = {}  # split -> normalised question -> source
+    specials = sorted({t for t in getattr(tokenizer, "all_special_tokens", []) if isinstance(t, str) and len(t) > 1}, key=len, reverse=True)
     for name, file in files.items():
         examples = data.read_jsonl(file)
         encoded = [data.encode(e, tokenizer, 10**9, cfg.data.train_on_prompt, cfg.data.system_prompt) for e in examples]
         lengths = [len(e.input_ids) for e in encoded]
-        pairs = Counter((data.normalise(e.question), data.normalise(e.answer)) for e in examples)
+        # Training cuts at max_len and skips an example with no target token left (the first token is never one).
+        no_answer = [ex.source for ex, e in zip(examples, encoded) if not any(e.loss_mask[1:max_len])]
+        longest = max(range(len(lengths)), key=lengths.__getitem__)
+        seen: dict[tuple[str, str], str] = {}
+        pairs: Counter = Counter()
+        first_duplicate = None
+        for e in examples:
+            pair = (data.normalise(e.question), data.normalise(e.answer))
+            pairs[pair] += 1
+            if pair in seen and first_duplicate is None:
+                first_duplicate = f"{e.source} repeats line {seen[pair].rsplit(':', 1)[-1]}"
+            seen.setdefault(pair, e.source)
         answers_by_q: dict[str, set[str]] = {}
         for e in examples:
             answers_by_q.setdefault(data.normalise(e.question), set()).add(data.normalise(e.answer))
-        questions[name] = {q for q in answers_by_q if q}
+        questions[name] = {}
+        for e in examples:
+            if data.normalise(e.question):
+                questions[name].setdefault(data.normalise(e.question), e.source)
+        special = [(e.source, s) for e in examples if (s := _special_text(e, specials))]
         report["files"][str(file)] = {
             "split": name,
             "examples": len(examples),
@@ -51,25 +90,54 @@ def check(path: str | Path, cfg: Config, tokenizer) -> dict:
             "tokens": {"min": min(lengths), "mean": round(statistics.mean(lengths), 1),
                        "p50": _percentile(lengths, 0.5), "p95": _percentile(lengths, 0.95),
                        "max": max(lengths), "total": sum(lengths)},
+            "longest": examples[longest].source,
             "answer_tokens_mean": round(statistics.mean(e.n_targets for e in encoded), 1),
-            "truncated": sum(n > cfg.train.max_seq_length for n in lengths),
+            "truncated": sum(n > max_len for n in lengths),
+            "no_answer_within_max": len(no_answer),
+            "first_no_answer": no_answer[0] if no_answer else None,
             "duplicates": sum(c - 1 for c in pairs.values()),
+            "first_duplicate": first_duplicate,
             "conflicting_answers": sum(len(a) > 1 for q, a in answers_by_q.items() if q),
+            "special_token_text": len(special),
+            "first_special_token_text": f"{special[0][0]} ({special[0][1]})" if special else None,
         }
     if "train" in questions and "val" in questions:
-        report["train_val_overlap"] = len(questions["train"] & questions["val"])
+        shared = [(q, questions["train"][q], src) for q, src in questions["val"].items() if q in questions["train"]]
+        report["train_val_overlap"] = len(shared)
+        if shared:
+            q, train_src, val_src = shared[0]
+            report["first_overlap"] = f"{train_src} and {val_src}"
     return report
+
+
+def _n(count: int, word: str) -> str:
+    return f"{count} {word}" + ("" if count == 1 else "s")
 
 
 def warnings(report: dict) -> list[str]:
     out = []
+    max_len = report["max_seq_length"]
     for file, r in report["files"].items():
         if r["truncated"]:
-            out.append(f"{file}: {r['truncated']} examples are longer than train.max_seq_length={report['max_seq_length']} "
-                       f"(longest {r['tokens']['max']} tokens) and will be cut. Raise train.max_seq_length or shorten them.")
+            out.append(f"{file}: {_n(r['truncated'], 'example')} {'is' if r['truncated'] == 1 else 'are'} longer than train.max_seq_length={max_len} "
+                       f"(longest {r['tokens']['max']} tokens, at {r.get('longest', file)}) and will be cut. "
+                       "Raise train.max_seq_length or shorten them.")
+        if r.get("no_answer_within_max"):
+            everything = r["no_answer_within_max"] == r["examples"]
+            out.append(f"{file}: {_n(r['no_answer_within_max'], 'example')} (first: {r['first_no_answer']}) {'has' if r['no_answer_within_max'] == 1 else 'have'} a prompt that fills "
+                       f"train.max_seq_length={max_len}, leaving no answer token: training skips them"
+                       + (" (all of them: training would stop with an error)" if everything else "")
+                       + ". Raise train.max_seq_length or shorten the prompts.")
         if r["duplicates"]:
-            out.append(f"{file}: {r['duplicates']} duplicate question+answer pairs (they weigh double in training).")
+            first = f" (first: {r['first_duplicate']})" if r.get("first_duplicate") else ""
+            out.append(f"{file}: {_n(r['duplicates'], 'duplicate question+answer pair')}{first}: they weigh double in training. "
+                       "Remove the repeats if they are not meant.")
+        if r.get("special_token_text"):
+            out.append(f"{file}: {_n(r['special_token_text'], 'example')} {'contains' if r['special_token_text'] == 1 else 'contain'} a special token's text (first: "
+                       f"{r['first_special_token_text']}): the tokenizer reads it as a control token, which can end "
+                       "an answer early. Remove or rephrase it.")
     if report.get("train_val_overlap"):
-        out.append(f"{report['train_val_overlap']} questions appear in both train and val: validation loss will look "
+        first = f" (first: {report['first_overlap']})" if report.get("first_overlap") else ""
+        out.append(f"{_n(report['train_val_overlap'], 'question')} {'appears' if report['train_val_overlap'] == 1 else 'appear'} in both train and val{first}: validation loss will look "
                    "better than it is. Use `afinar data split` to split by question.")
     return out

@@ -51,8 +51,10 @@ def prepare(cfg: Config, tokenizer, train_ex: list[data.Example], val_ex: list[d
     truncated = sum(e.truncated for e in train)
     kept = [e for e in train if e.n_targets > 0]
     if not kept:
+        first = train[0]
         raise AfinarError(
-            f"No training example has an answer token left within train.max_seq_length={cfg.train.max_seq_length}. "
+            f"{cfg.data.train}: no training example has an answer token left within train.max_seq_length="
+            f"{cfg.train.max_seq_length} (first: {first.source or 'line 1'}, {len(first.input_ids)} tokens kept). "
             "Raise train.max_seq_length (see `afinar data check`)."
         )
     return Prepared(kept, [e for e in val if e.n_targets > 0], len(train) - len(kept), truncated)

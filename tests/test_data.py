@@ -106,7 +106,7 @@ def test_non_object_line(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text('["a", "b"]\n')
     msg = error_of(read_jsonl, path)
-    assert f"{path}:1" in msg and "list" in msg
+    assert f"{path}:1" in msg and "an array" in msg  # JSON names for types: array, not list
 
 
 GOOD = {
