@@ -95,3 +95,24 @@ def tiny_config(model: Path, *overrides: str, train: Path | None = None, val: Pa
 def make_cfg(tiny_model):
     """`make_cfg(*overrides, train=..., val=...)`: a tiny-model config."""
     return lambda *overrides, train=None, val=None: tiny_config(tiny_model, *overrides, train=train, val=val)
+
+
+class Boom(RuntimeError):
+    """A simulated crash."""
+
+
+def crash_on_step(monkeypatch, step: int) -> dict:
+    """Make the `step`-th optimizer step raise Boom; returns the call counter."""
+    from afinar.backends.torch_backend import TorchBackend
+
+    calls = {"n": 0}
+    original = TorchBackend.optimizer_step
+
+    def optimizer_step(self, lr):
+        calls["n"] += 1
+        if calls["n"] == step:
+            raise Boom("simulated crash")
+        return original(self, lr)
+
+    monkeypatch.setattr(TorchBackend, "optimizer_step", optimizer_step)
+    return calls

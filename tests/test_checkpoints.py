@@ -19,7 +19,7 @@ from afinar import checkpoints
 from afinar.backends.torch_backend import TorchBackend
 from afinar.errors import AfinarError
 from afinar.train import TrainingInterrupted, run_training
-from conftest import REPO, QA, qa_rows, write_jsonl
+from conftest import QA, REPO, Boom, crash_on_step, qa_rows, write_jsonl
 
 # Dropout on, so an exact resume also needs the RNG state restored.
 BASE = ("train.max_steps=8", "train.save_every=2", "train.eval_every=2", "train.keep_checkpoints=2",
@@ -41,21 +41,6 @@ def metrics(run, after: int = 0) -> list[dict]:
     return [{k: r[k] for k in DETERMINISTIC if k in r} for r in rows if r["step"] > after]
 
 
-class Boom(RuntimeError):
-    pass
-
-
-def crash_at(monkeypatch, step: int):
-    original = TorchBackend.optimizer_step
-    calls = {"n": 0}
-
-    def optimizer_step(self, lr):
-        calls["n"] += 1
-        if calls["n"] == step:
-            raise Boom("simulated crash")
-        return original(self, lr)
-
-    monkeypatch.setattr(TorchBackend, "optimizer_step", optimizer_step)
 
 
 def test_checkpoint_folders_best_and_final_adapter(make_cfg, qa_files, tmp_path):
@@ -88,7 +73,7 @@ def test_resume_after_crash_equals_uninterrupted_run(make_cfg, qa_files, tmp_pat
     straight = run_training(cfg, tmp_path / "straight")
 
     out = tmp_path / "crashed"
-    crash_at(monkeypatch, 7)
+    crash_on_step(monkeypatch, 7)
     with pytest.raises(Boom):
         run_training(cfg, out)
     monkeypatch.undo()
@@ -106,7 +91,7 @@ def test_resume_after_crash_equals_uninterrupted_run(make_cfg, qa_files, tmp_pat
 def test_resume_refuses_a_different_config_unless_forced(make_cfg, qa_files, tmp_path, monkeypatch):
     train, val = qa_files
     out = tmp_path / "run"
-    crash_at(monkeypatch, 5)
+    crash_on_step(monkeypatch, 5)
     with pytest.raises(Boom):
         run_training(make_cfg(*BASE, train=train, val=val), out)
     monkeypatch.undo()

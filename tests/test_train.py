@@ -17,7 +17,7 @@ from afinar.errors import AfinarError
 from afinar.runs import file_sha256, load_run
 from afinar.train import lr_at, prepare, run_training, total_steps
 
-from conftest import QA, qa_rows, tiny_config, write_jsonl
+from conftest import QA, Boom, crash_on_step, qa_rows, tiny_config, write_jsonl
 
 RUN_FILES = {
     "adapter_model.safetensors", "adapter_config.json", "training_config.json", "lora_config.json",
@@ -187,28 +187,12 @@ def test_existing_output_needs_overwrite(make_cfg, qa_files, tmp_path):
     assert leftovers(out) == ["run"]
 
 
-class Boom(RuntimeError):
-    pass
-
-
-def _fail_on_step(monkeypatch, step: int):
-    calls = {"n": 0}
-    original = TorchBackend.optimizer_step
-
-    def optimizer_step(self, lr):
-        calls["n"] += 1
-        if calls["n"] == step:
-            raise Boom("simulated crash")
-        return original(self, lr)
-
-    monkeypatch.setattr(TorchBackend, "optimizer_step", optimizer_step)
-    return calls
 
 
 def test_failure_leaves_nothing(make_cfg, qa_files, tmp_path, monkeypatch):
     train, val = qa_files
     out = tmp_path / "run"
-    calls = _fail_on_step(monkeypatch, 3)
+    calls = crash_on_step(monkeypatch, 3)
     with pytest.raises(Boom):
         run_training(make_cfg("train.max_steps=4", "train.eval_every=1", train=train, val=val), out)
     assert calls["n"] == 3  # it did train (and write metrics into .partial) before failing
@@ -222,7 +206,7 @@ def test_failure_with_overwrite_keeps_the_old_run(make_cfg, qa_files, tmp_path, 
     out = tmp_path / "run"
     run_training(make_cfg("train.max_steps=1", train=train), out)
     before = file_sha256(out / "adapter_model.safetensors")
-    _fail_on_step(monkeypatch, 2)
+    crash_on_step(monkeypatch, 2)
     with pytest.raises(Boom):
         run_training(make_cfg("train.max_steps=3", "train.seed=5", train=train), out, overwrite=True)
     assert file_sha256(out / "adapter_model.safetensors") == before
