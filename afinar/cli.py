@@ -246,6 +246,7 @@ def data_check(
     rows += [(f"tokens {k}", lambda f, r, k=k: r["tokens"][k]) for k in ("min", "mean", "p50", "p95", "max", "total")]
     rows += [("answer tokens (mean)", lambda f, r: r["answer_tokens_mean"]),
              (f"truncated at {cfg.train.max_seq_length}", lambda f, r: r["truncated"]),
+             ("no answer token left", lambda f, r: r["no_answer_within_max"]),
              ("duplicate pairs", lambda f, r: r["duplicates"]),
              ("questions with 2+ answers", lambda f, r: r["conflicting_answers"])]
     for label, get in rows:

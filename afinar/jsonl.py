@@ -32,7 +32,6 @@ SHAPES = {
     "instruction": ("instruction", "output"),
     "text": ("text",),
 }
-OPTIONAL = {"keywords", "input", "id", "metadata"}
 ROLES = ("system", "user", "assistant")
 SHAPE_HELP = (
     'one JSON object per line, e.g. {"question": "...", "answer": "..."}; other shapes: '

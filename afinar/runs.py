@@ -22,7 +22,6 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from afinar import atomic, checkpoints
 from afinar.config import Config, build_config
