@@ -51,15 +51,16 @@ def _special_text(example: data.Example, specials: list[str]) -> str | None:
     return next((s for s in specials for t in texts if s in t), None)
 
 
-def check(path: str | Path, cfg: Config, tokenizer) -> dict:
-    """Counts, token lengths, truncation, duplicates and train/val overlap, as one report dict."""
-    files = find_files(path)
+def check(read: dict[str, tuple[Path, list]], cfg: Config, tokenizer) -> dict:
+    """Counts, token lengths, truncation, duplicates and train/val overlap, as one report dict.
+
+    `read` maps each split to (file, its examples), as `find_files` + `data.read_jsonl` give them.
+    """
     max_len = cfg.train.max_seq_length
     report: dict = {"max_seq_length": max_len, "files": {}}
     questions: dict[str, dict[str, str]] = {}  # split -> normalised question -> source
     specials = sorted({t for t in getattr(tokenizer, "all_special_tokens", []) if isinstance(t, str) and len(t) > 1}, key=len, reverse=True)
-    for name, file in files.items():
-        examples = data.read_jsonl(file)
+    for name, (file, examples) in read.items():
         encoded = [data.encode(e, tokenizer, 10**9, cfg.data.train_on_prompt, cfg.data.system_prompt) for e in examples]
         lengths = [len(e.input_ids) for e in encoded]
         # Training cuts at max_len and skips an example with no target token left (the first token is never one).
