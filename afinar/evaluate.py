@@ -1,15 +1,32 @@
-"""Answer-quality measures that need no model of their own.
+"""How good and how fast a run is, measured the same way for every run: `afinar eval`.
 
-Fact recall: an answer recalls the fact when it contains every keyword of the example,
-compared lower-case, without accents and with whitespace collapsed ("São Luís" matches
-"sao luis"). Examples without keywords are not counted.
+Answer quality needs no model of its own:
+- fact recall: an answer recalls the fact when it contains every keyword of the example,
+  compared lower-case, without accents and with whitespace collapsed ("São Luís" matches
+  "sao luis"); examples without keywords are not counted;
+- chrF (sacrebleu) of the answers against the reference answers;
+- the share of empty answers, and of answers cut by `max_tokens` before the model ended them.
+
+Validation loss goes through the very encoding and loss of training (`data.encode` with the
+run's settings, `train.validation_loss`, the backend's `eval_loss`), so it is comparable
+with the `val_loss` in the run's metrics. Latency is measured one question at a time, as a
+user asking sees it; quality on batched greedy answers.
 """
 
 from __future__ import annotations
 
+import math
+import time
 import unicodedata
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
 
+from afinar import data
 from afinar.data import Example
+from afinar.errors import AfinarError
+
+# ---------------------------------------------------------------- answer quality
 
 
 def fold(text: str) -> str:
@@ -31,9 +48,183 @@ def fact_recall(examples: list[Example], answers: list[str]) -> dict:
 
 def recall_on(predictor, examples: list[Example], batch_size: int = 16, max_tokens: int = 96) -> tuple[dict, list[dict]]:
     """Generate greedy answers for `examples` with a Predictor and score them."""
-    questions = [ex.question for ex in examples]
+    answers = answer_all(predictor, [ex.question for ex in examples], batch_size, max_tokens)
+    score = fact_recall(examples, [a["answer"] for a in answers])
+    return score, answers
+
+
+def answer_all(predictor, questions: list[str], batch_size: int = 16, max_tokens: int = 96,
+               on_progress: Callable[[int, int], None] | None = None) -> list[dict]:
+    """Greedy answers, `batch_size` questions per generate call."""
     answers: list[dict] = []
     for i in range(0, len(questions), batch_size):
         answers += predictor.ask_many(questions[i : i + batch_size], max_tokens=max_tokens)
-    score = fact_recall(examples, [a["answer"] for a in answers])
-    return score, answers
+        if on_progress:
+            on_progress(len(answers), len(questions))
+    return answers
+
+
+def chrf(hypothesis: str, reference: str) -> float:
+    """Sentence chrF (0-100) of one answer against one reference."""
+    from sacrebleu.metrics import CHRF
+
+    return CHRF().sentence_score(hypothesis, [reference]).score
+
+
+def corpus_chrf(hypotheses: list[str], references: list[str]) -> float | None:
+    from sacrebleu.metrics import CHRF
+
+    return CHRF().corpus_score(hypotheses, [references]).score if hypotheses else None
+
+
+def answer_quality(examples: list[Example], answers: list[dict], max_tokens: int) -> dict:
+    """Fact recall, chrF, and the shares of empty and truncated answers."""
+    texts = [a["answer"] for a in answers]
+    n = len(texts)
+    refs = [(reference(ex), t) for ex, t in zip(examples, texts) if reference(ex)]
+    return {
+        **fact_recall(examples, texts),
+        "chrf": _round(corpus_chrf([t for _, t in refs], [r for r, _ in refs]), 2),
+        "empty_share": sum(not t.strip() for t in texts) / n if n else None,
+        # No EOS within the limit: the answer was cut, not finished.
+        "truncated_share": sum(a["completion_tokens"] >= max_tokens for a in answers) / n if n else None,
+    }
+
+
+# ---------------------------------------------------------------- loss and speed
+
+
+def validation(predictor, examples: list[Example]) -> dict | None:
+    """Loss per answer token and perplexity, encoded exactly as the run was trained."""
+    from afinar.train import validation_loss
+
+    cfg = predictor.cfg
+    encoded = [data.encode(ex, predictor.tokenizer, cfg.train.max_seq_length, cfg.data.train_on_prompt,
+                           cfg.data.system_prompt) for ex in examples]
+    kept = [e for e in encoded if e.n_targets > 0]
+    loss = validation_loss(predictor.backend, kept, max(cfg.train.batch_size, 8))
+    if loss is None:
+        return None
+    return {"loss": round(loss, 5), "perplexity": round(math.exp(min(loss, 700)), 4), "examples": len(kept),
+            "target_tokens": sum(e.n_targets for e in kept)}
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """Linear-interpolated percentile (q in 0-100), as numpy's default."""
+    if not values:
+        return None
+    s = sorted(values)
+    pos = (len(s) - 1) * q / 100
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+def speed(predictor, questions: list[str], max_tokens: int) -> dict:
+    """Latency and tokens/s of single questions (one generate call each, like `afinar ask`)."""
+    latencies, rates, tokens = [], [], 0
+    for q in questions:
+        a = predictor.ask(q, max_tokens=max_tokens)
+        latencies.append(a["latency_ms"])
+        tokens += a["completion_tokens"]
+        if a["completion_tokens"]:
+            rates.append(a["completion_tokens"] / (a["latency_ms"] / 1000))
+    total_s = sum(latencies) / 1000
+    return {
+        "questions": len(questions),
+        "latency_ms_p50": _round(percentile(latencies, 50), 1),
+        "latency_ms_p95": _round(percentile(latencies, 95), 1),
+        "tokens_per_s": round(tokens / total_s, 1) if total_s > 0 else None,
+        "tokens_per_s_p50": _round(percentile(rates, 50), 1),
+    }
+
+
+# ---------------------------------------------------------------- the whole evaluation
+
+
+def read_questions(path: str | Path) -> list[Example]:
+    """A data file in any training shape (.jsonl), or a plain list of questions (.txt, one a line)."""
+    path = Path(path)
+    if path.suffix == ".txt":
+        if not path.is_file():
+            raise AfinarError(f"Prompts file not found: {path}.")
+        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if not lines:
+            raise AfinarError(f"{path} holds no question: write one question per line.")
+        return [Example([{"role": "user", "content": q}], None, source=f"{path}:{i}") for i, q in enumerate(lines, 1)]
+    return data.read_jsonl(path)
+
+
+def evaluate_run(run: str | Path, data_file: str | Path | None = None, max_tokens: int = 128,
+                 batch_size: int = 16, latency_samples: int = 10,
+                 on_progress: Callable[[str], None] | None = None) -> dict:
+    """Every measure of one run on `data_file` (default: the run's validation file), as a dict.
+
+    Memory is the backend's own measure (device memory on a GPU, process RSS on CPU): before
+    loading, once the model is loaded for answering, and the peak of the whole evaluation.
+    Run one evaluation per process for a meaningful peak (`afinar compare` does).
+    """
+    from afinar.backends import get_backend
+    from afinar.inference import Predictor
+    from afinar.runs import load_run
+
+    say = on_progress or (lambda msg: None)
+    cfg, metadata = load_run(run)
+    data_file = data_file or cfg.data.val
+    if not data_file:
+        raise AfinarError(f"{run} was trained without a validation file: pass --data FILE (JSONL with questions and answers).")
+    if not Path(data_file).is_file():
+        raise AfinarError(f"Evaluation data not found: {data_file} (relative paths are from the current folder). "
+                          "Pass --data FILE, or run from the folder the run was trained in.")
+    examples = read_questions(data_file)
+    asked = [ex for ex in examples if ex.question]
+    before = get_backend(cfg).memory()["memory_mb"]
+    say(f"loading {cfg.model.base} + adapter {run}")
+    predictor = Predictor(run)
+    loaded = predictor.backend.memory()["memory_mb"]
+
+    scored = [ex for ex in examples if ex.messages is None or reference(ex) is not None]  # text, or with an answer
+    say(f"validation loss on {len(scored)} examples")
+    val = validation(predictor, scored) if scored else None
+    say(f"answering {len(asked)} questions")
+    started = time.perf_counter()
+    answers = answer_all(predictor, [ex.question for ex in asked], batch_size, max_tokens,
+                         lambda done, total: say(f"answered {done}/{total}"))
+    batch_s = time.perf_counter() - started
+    say(f"latency on {min(latency_samples, len(asked))} single questions")
+    timing = speed(predictor, [ex.question for ex in asked[:latency_samples]], max_tokens)
+    timing["batched_tokens_per_s"] = round(sum(a["completion_tokens"] for a in answers) / batch_s, 1) if batch_s > 0 else None
+    timing["batch_size"] = batch_size
+    memory = predictor.backend.memory()
+    return {
+        "run": str(run),
+        "data": str(data_file),
+        "base_model": cfg.model.base,
+        "method": cfg.method,
+        "quantization": cfg.model.quantization,
+        "examples": len(examples),
+        "max_tokens": max_tokens,
+        "validation": val,
+        "quality": answer_quality(asked, answers, max_tokens),
+        "speed": timing,
+        "memory": {"before_load_mb": round(before, 1), "loaded_mb": round(loaded, 1),
+                   "model_mb": round(loaded - before, 1), "peak_mb": round(memory["peak_memory_mb"], 1)},
+        "device": predictor.backend.describe(),
+        "training": {k: metadata.get(k) for k in ("steps", "train_time_s", "tokens_per_s", "peak_memory_mb", "best_val_loss")},
+        "evaluated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "answers": [{"question": ex.question, "reference": reference(ex),
+                     "keywords": ex.keywords, "answer": a["answer"], "completion_tokens": a["completion_tokens"],
+                     "recalled": recalls(a["answer"], ex.keywords) if ex.keywords else None,
+                     "chrf": round(chrf(a["answer"], reference(ex)), 2) if reference(ex) else None}
+                    for ex, a in zip(asked, answers)],
+    }
+
+
+def reference(ex: Example) -> str | None:
+    """The reference answer of a question, or None (a bare question from a .txt prompts file)."""
+    if not ex.messages or not any(m["role"] == "assistant" for m in ex.messages):
+        return None
+    return ex.answer
+
+
+def _round(value: float | None, digits: int) -> float | None:
+    return None if value is None else round(value, digits)

@@ -51,6 +51,8 @@ class TrainingDisplay:
             + (f", {r['dropped']} dropped (no answer token left)" if r["dropped"] else "")
             + (f"; resuming after step {r['resumed_from']}" if r.get("resumed_from") else "")
         )
+        if dev.get("quantization", "none") != "none":
+            self.console.print(f"Quantization: {dev['quantization']}")
         m = r["memory_estimate_mb"]
         self.console.print(
             f"Estimated memory per step: {m['total']:,.0f} MiB (weights {m['weights']:,.0f}, LoRA {m['lora']:,.0f}, "

@@ -4,6 +4,7 @@ A run is written into `<output>.partial/` and renamed to `<output>/` only when c
 so a crashed or interrupted run never leaves a folder that looks finished.
 
   adapter_model.safetensors, adapter_config.json   the adapter, PEFT format
+  mlx/adapters.safetensors, mlx/adapter_config.json the same adapter in mlx-lm's format
   training_config.json                             the resolved config (reloads the run)
   qlora_config.json | lora_config.json             quantization + LoRA settings
   metadata.json                                    base model + hash, data hashes, versions, device, timings, memory, losses
@@ -23,7 +24,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from afinar import atomic, checkpoints
+from afinar import adapters, atomic, checkpoints
 from afinar.config import Config, build_config
 from afinar.errors import AfinarError
 
@@ -129,6 +130,7 @@ class RunWriter:
         })
         self.write_state(state)
         adapter = tmp / "adapter_model.safetensors"
+        adapters.peft_to_mlx(tmp, tmp / adapters.MLX_SUBDIR)  # same weights, for mlx_lm.load(adapter_path=)
         metadata = {**metadata, "adapter": {"file": adapter.name, "bytes": adapter.stat().st_size, "sha256": file_sha256(adapter)}}
         atomic.write_json(tmp / "metadata.json", metadata)
         plot_losses(self.history, tmp / "loss.png", title=self.output.name)
@@ -220,19 +222,7 @@ echo '{{"question": "{q}"}}' | afinar ask {output} --stdin   # one JSON line per
 ```
 Errors are one JSON object on stderr, with a non-zero exit code.
 
-## Node / Express (today: run the CLI per request)
-```js
-const {{ execFile }} = require("node:child_process");
-function ask(question) {{
-  return new Promise((resolve, reject) =>
-    execFile("afinar", ["ask", "{output}", question], (err, stdout, stderr) =>
-      err ? reject(new Error(stderr)) : resolve(JSON.parse(stdout))));
-}}
-// app.post("/chat", async (req, res) => res.json(await ask(req.body.question)));
-```
-Loading the model on every request is slow; keep one `afinar ask --stdin` process open and write one
-JSON line per question, or use the HTTP server (`afinar serve`) once your version has it.
-
+{serving_guide(output, name, q)}
 ## Python
 ```python
 from afinar.inference import Predictor
@@ -248,4 +238,55 @@ base = AutoModelForCausalLM.from_pretrained("{metadata.get("base_model", {}).get
 model = PeftModel.from_pretrained(base, "{output}")
 ```
 {"For this QLoRA run, pass the same `BitsAndBytesConfig` as training (NF4, double quant: see `qlora_config.json`) to `from_pretrained` to compute exactly what was trained; afinar itself answers on CPU with the NF4 weights dequantized and the adapter merged, which is the same function." if cfg.method == "qlora" else ""}
+
+## Apple Silicon: plain mlx-lm (no afinar needed)
+```python
+from mlx_lm import load, generate
+model, tokenizer = load("{metadata.get("base_model", {}).get("path", cfg.model.base)}", adapter_path="{output}/mlx")
+```
+`afinar export {output} --merged OUT` writes base + adapter as one plain Hugging Face model
+(dequantized, full precision) for transformers, vLLM or `mlx_lm.load(OUT)`.
+"""
+
+
+def serving_guide(output: Path, name: str, q: str) -> str:
+    """The HTTP part of INTEGRATION_GUIDE.md: `afinar serve` and the OpenAI clients that talk to it."""
+    return f"""## HTTP API (`afinar serve`)
+```bash
+export AFINAR_API_KEY=$(openssl rand -hex 16)      # optional; without it the server needs no key
+afinar serve {output} --port 8000                  # binds 127.0.0.1; loads the model once
+curl -s localhost:8000/health                      # {{"status": "ready", "model": "{name}"}}
+curl -s localhost:8000/v1/chat/completions -H "Authorization: Bearer $AFINAR_API_KEY" \\
+  -H 'Content-Type: application/json' \\
+  -d '{{"model": "{name}", "messages": [{{"role": "user", "content": "{q}"}}], "max_tokens": 128}}'
+curl -s localhost:8000/v1/ask -H "Authorization: Bearer $AFINAR_API_KEY" -H 'Content-Type: application/json' \\
+  -d '{{"question": "{q}"}}'                        # the same object as `afinar ask`
+```
+OpenAI's chat completions API: `stream: true` sends server-sent events ending in `data: [DONE]`;
+concurrent requests are generated together in batches. Errors are `{{"error": {{"message", "type", "code"}}}}`
+with 400/401/413/422, 429 (+ `Retry-After`) when the queue is full, 503 while loading or on timeout.
+The spec is at `/openapi.json`.
+
+### Python (`pip install openai`)
+```python
+import os
+from openai import OpenAI
+client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key=os.environ.get("AFINAR_API_KEY", "none"))
+messages = [{{"role": "user", "content": "{q}"}}]
+reply = client.chat.completions.create(model="{name}", messages=messages)
+print(reply.choices[0].message.content)
+for chunk in client.chat.completions.create(model="{name}", messages=messages, stream=True):
+    if chunk.choices:
+        print(chunk.choices[0].delta.content or "", end="", flush=True)
+```
+
+### Node (`npm install openai`; a full Express app with a chat page: afinar's `examples/express/`)
+```js
+const {{ OpenAI }} = require("openai");
+const client = new OpenAI({{ baseURL: "http://127.0.0.1:8000/v1", apiKey: process.env.AFINAR_API_KEY || "none" }});
+const reply = await client.chat.completions.create({{ model: "{name}", messages: [{{ role: "user", content: "{q}" }}] }});
+console.log(reply.choices[0].message.content);
+```
+When one machine is no longer enough, `afinar export --merged` gives a plain Hugging Face model that
+vLLM serves with the same API (`vllm serve MERGED_DIR`): these clients work unchanged, only the base URL moves.
 """

@@ -61,3 +61,37 @@ def make_random_model(folder: str | Path, shape: str = "tiny", seed: int = 0, dt
         model = MistralForCausalLM(config).to(getattr(torch, dtype))
         model.save_pretrained(tmp)
     return folder
+
+
+def make_tiny_run(folder: str | Path, steps: int = 2) -> Path:
+    """A real run folder on the tiny model, trained `steps` steps on the bundled data (seconds on CPU).
+
+    What the serving tests, the Express example's test and benchmarks/serve_load.py serve:
+    every layer of a real run (adapter, config, metadata) at a size that answers instantly.
+    The model is kept beside the run, in `<folder>-model/`.
+    """
+    from afinar.config import load_config
+    from afinar.train import run_training
+
+    folder = Path(folder)
+    if (folder / "metadata.json").is_file():
+        return folder
+    model = make_random_model(folder.with_name(folder.name + "-model"), "tiny")
+    data = Path(__file__).resolve().parents[1] / "data" / "farense"
+    cfg = load_config(None, [
+        f"model.base={model}", "model.quantization=none", "model.compute_dtype=float32",
+        f"data.train={data / 'train.jsonl'}", "data.val=null", "train.batch_size=2", "train.grad_accumulation=1",
+        "train.max_seq_length=128", "train.warmup_steps=1", f"train.max_steps={steps}", "train.save_every=0",
+    ])
+    return run_training(cfg, folder)
+
+
+if __name__ == "__main__":  # python -m afinar.synthetic tiny-run FOLDER: prints the run folder
+    import sys
+
+    from afinar.cli import quiet_libraries  # also quiets transformers' logging through the environment
+
+    quiet_libraries()
+    if len(sys.argv) != 3 or sys.argv[1] != "tiny-run":
+        sys.exit("usage: python -m afinar.synthetic tiny-run FOLDER")
+    print(make_tiny_run(sys.argv[2]))

@@ -2,7 +2,8 @@
 
 One optimizer step = `grad_accumulation` micro-batches. The loss is the mean over every
 answer token of the whole step (each micro-batch's token-loss sum is scaled by 1 / targets
-in the step), so the gradient does not depend on how the step is cut into micro-batches.
+in the step), so the gradient does not depend on how the step is cut into micro-batches,
+nor on how many processes share it under torchrun (see distributed.py).
 Learning rate: linear warmup (lr x step / warmup_steps), then cosine decay to `min_lr_ratio` x peak.
 """
 
@@ -20,7 +21,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Iterator
 
-from afinar import __version__, checkpoints, data, models
+from afinar import __version__, checkpoints, data, distributed, models
 from afinar.backends import get_backend
 from afinar.config import Config
 from afinar.errors import AfinarError
@@ -62,28 +63,40 @@ def prepare(cfg: Config, tokenizer, train_ex: list[data.Example], val_ex: list[d
 
 def micro_batches(prepared: Prepared, cfg: Config) -> Iterator[tuple[int, list[data.Encoded]]]:
     """(epoch, micro-batch) forever, in a deterministic order."""
-    lengths = [len(e.input_ids) for e in prepared.train]
     epoch = 0
     while True:
-        for idx in data.batch_order(lengths, cfg.train.batch_size, cfg.train.seed, epoch, cfg.train.group_by_length):
+        for idx in epoch_batches(prepared, cfg, epoch):
             yield epoch, [prepared.train[i] for i in idx]
         epoch += 1
 
 
-def total_steps(cfg: Config, n_train: int) -> int:
+def epoch_batches(prepared: Prepared, cfg: Config, epoch: int = 0) -> list[list[int]]:
+    t = cfg.train
+    lengths = [len(e.input_ids) for e in prepared.train]
+    return data.batch_order(lengths, t.batch_size, t.seed, epoch, t.group_by_length, t.batch_tokens)
+
+
+def total_steps(cfg: Config, n_train: int, batches_per_epoch: int | None = None) -> int:
+    """Optimizer steps of the run; `batches_per_epoch` when a token budget sets the batch count."""
     if cfg.train.max_steps:
         return cfg.train.max_steps
-    batches = math.ceil(n_train / cfg.train.batch_size)
+    batches = batches_per_epoch or math.ceil(n_train / cfg.train.batch_size)
     return max(1, math.ceil(cfg.train.epochs * batches / cfg.train.grad_accumulation))
 
 
-def validation_loss(backend, val: list[data.Encoded], batch_size: int) -> float | None:
+def validation_loss(backend, val: list[data.Encoded], batch_size: int, world=distributed.SINGLE) -> float | None:
     if not val:
         return None
+    batches = [val[i : i + batch_size] for i in range(0, len(val), batch_size)]
     loss, n = 0.0, 0
-    for i in range(0, len(val), batch_size):
-        s, k = backend.eval_loss(val[i : i + batch_size])
+    for mb in distributed.shard(batches, world):
+        if not mb:  # no share here: a pass anyway, FSDP's gathers need every process
+            backend.eval_loss(batches[0][:1])
+            continue
+        s, k = backend.eval_loss(mb)
         loss, n = loss + s, n + k
+    if world.size > 1:
+        loss, n = backend.all_sum([loss, n])
     return loss / n
 
 
@@ -124,14 +137,22 @@ def run_training(cfg: Config, output: str | Path, overwrite: bool = False,
     if len(train_ex) < cfg.train.batch_size:
         raise AfinarError(f"{cfg.data.train} has {len(train_ex)} examples, fewer than train.batch_size={cfg.train.batch_size}.")
     resolved = models.resolve(cfg.model.base)
-    writer = RunWriter.reopen(output, cfg, force) if resume else RunWriter.create(output, overwrite, cfg)
-    emit = on_event or (lambda record: None)
+    world = distributed.from_env()  # under torchrun: only rank 0 writes the run and prints
+    if world.main:
+        writer = RunWriter.reopen(output, cfg, force) if resume else RunWriter.create(output, overwrite, cfg)
+    else:
+        writer = distributed.FollowerWriter(Path(output))
+    emit = on_event if on_event and world.main else (lambda record: None)
     stop = _StopSignal()
     try:
         backend = get_backend(cfg)
+        if world.size > 1 and not hasattr(backend, "all_sum"):
+            raise AfinarError(f"backend={backend.name} trains in one process only; WORLD_SIZE={world.size} was set "
+                              "(torchrun / accelerate launch). Use --set backend=torch, or start one process.")
         tokenizer = backend.load(resolved)
         prepared = prepare(cfg, tokenizer, train_ex, val_ex)
-        steps = total_steps(cfg, len(prepared.train))
+        per_epoch = len(epoch_batches(prepared, cfg))
+        steps = total_steps(cfg, len(prepared.train), per_epoch)
         state, resumed_from = LoopState(), None
         if resume and (found := checkpoints.latest(writer.tmp)):
             saved, folder = found
@@ -140,9 +161,15 @@ def run_training(cfg: Config, output: str | Path, overwrite: bool = False,
             writer.truncate(state.step)
         elif resume:
             writer.truncate(0)
+        if world.size > 1 and backend.all_sum([state.step])[0] != state.step * world.size:
+            raise AfinarError(f"The processes resumed {writer.tmp} from different steps (this one: {state.step}): "
+                              "every node must read the same run folder (a shared filesystem).")
         widest = max(len(e.input_ids) for e in prepared.train)  # the worst micro-batch: the longest examples together
         answers = sum(sorted(e.n_targets for e in prepared.train)[-cfg.train.batch_size:])
-        memory_plan = backend.estimate_memory(widest * cfg.train.batch_size, answers)
+        batch_tokens = widest * cfg.train.batch_size
+        if cfg.train.batch_tokens:
+            batch_tokens = min(batch_tokens, max(cfg.train.batch_tokens, widest))
+        memory_plan = backend.estimate_memory(batch_tokens, answers)
         emit({"event": "start", "total_steps": steps, "memory_estimate_mb": memory_plan, "train_examples": len(prepared.train),
               "val_examples": len(prepared.val), "truncated": prepared.truncated, "dropped": prepared.dropped,
               "device": backend.describe(), "warmup_steps": cfg.train.warmup_steps, "resumed_from": resumed_from})
@@ -153,17 +180,27 @@ def run_training(cfg: Config, output: str | Path, overwrite: bool = False,
         stopped = None
         with stop:
             while state.step < steps and stopped is None:
-                stopped = _train_step(cfg, backend, prepared, stream, state, steps, writer, emit)
-                if stopped is None and stop.requested:
-                    checkpoints.save(writer.tmp, backend, _ckpt_state(state, steps), cfg.train.keep_checkpoints)
+                stopped = _train_step(cfg, backend, prepared, stream, state, steps, writer, emit, world)
+                requested = stop.requested
+                if world.size > 1:  # a signal reaches processes at different steps: stop together
+                    requested = backend.all_sum([float(requested)])[0] > 0
+                if stopped is None and requested:
+                    if world.main:
+                        checkpoints.save(writer.tmp, backend, _ckpt_state(state, steps), cfg.train.keep_checkpoints)
                     raise TrainingInterrupted(
                         f"Interrupted: checkpoint saved at step {state.step} of {steps}. "
                         f"Resume with: afinar train --resume {output}"
                     )
         if stopped:
             emit({"event": "stopped", **stopped})
-        return _finish(cfg, writer, backend, resolved, prepared, train_ex, val_ex, state, steps, started,
-                       resumed_from, stopped, emit, memory_plan)
+        if not world.main:
+            backend.all_sum([0.0])  # return once rank 0 has written the run folder
+            return writer.output
+        path = _finish(cfg, writer, backend, resolved, prepared, train_ex, val_ex, state, steps, started,
+                       resumed_from, stopped, emit, memory_plan, per_epoch)
+        if world.size > 1:
+            backend.all_sum([0.0])
+        return path
     except BaseException as e:
         if checkpoints.step_checkpoints(writer.tmp):
             # A crash loses at most the work since the last checkpoint.
@@ -174,13 +211,21 @@ def run_training(cfg: Config, output: str | Path, overwrite: bool = False,
         raise
 
 
-def _train_step(cfg, backend, prepared, stream, state: LoopState, steps: int, writer, emit) -> dict | None:
-    """One optimizer step, its logging, evaluation and checkpoint; a dict if training must stop."""
+def _train_step(cfg, backend, prepared, stream, state: LoopState, steps: int, writer, emit,
+                world=distributed.SINGLE) -> dict | None:
+    """One optimizer step, its logging, evaluation and checkpoint; a dict if training must stop.
+
+    With several processes each takes its share of the step's micro-batches, scaled by the
+    step's global target count; the backend sums gradients and losses across processes.
+    """
     t0 = time.time()
     step = state.step + 1
     window = [next(stream) for _ in range(cfg.train.grad_accumulation)]
     n_targets = sum(e.n_targets for _, mb in window for e in mb)
-    loss_sum = _accumulate(cfg, backend, [mb for _, mb in window], n_targets, state, writer, emit)
+    mine = distributed.shard([mb for _, mb in window], world)
+    loss_sum = _accumulate(cfg, backend, mine, n_targets, state, writer, emit, world, filler=window[0][1][:1])
+    if world.size > 1:
+        loss_sum = backend.all_sum([loss_sum])[0]
     lr = lr_at(step, steps, cfg)
     grad_norm = backend.optimizer_step(lr)
     loss = loss_sum / n_targets
@@ -200,13 +245,14 @@ def _train_step(cfg, backend, prepared, stream, state: LoopState, steps: int, wr
     emit(record)
     stopped = None
     if step % cfg.train.eval_every == 0 or step == steps:
-        stopped = _evaluate(cfg, backend, prepared, state, steps, writer, emit)
-    if cfg.train.save_every and (step % cfg.train.save_every == 0) and step < steps:
+        stopped = _evaluate(cfg, backend, prepared, state, steps, writer, emit, world)
+    if world.main and cfg.train.save_every and (step % cfg.train.save_every == 0) and step < steps:
         checkpoints.save(writer.tmp, backend, _ckpt_state(state, steps), cfg.train.keep_checkpoints)
     return stopped
 
 
-def _accumulate(cfg, backend, micro_batches: list, n_targets: int, state: LoopState, writer, emit) -> float:
+def _accumulate(cfg, backend, micro_batches: list, n_targets: int, state: LoopState, writer, emit,
+                world=distributed.SINGLE, filler: list | None = None) -> float:
     """Forward and backward over one step's micro-batches; on out-of-memory, split them and retry.
 
     Each micro-batch is cut into `state.split` pieces, so halving the micro-batch doubles the
@@ -216,6 +262,9 @@ def _accumulate(cfg, backend, micro_batches: list, n_targets: int, state: LoopSt
         try:
             loss_sum = 0.0
             for mb in micro_batches:
+                if not mb:  # no share of this micro-batch here (see distributed.shard): a zero-weight pass
+                    backend.forward_backward(filler, scale=0.0)
+                    continue
                 size = math.ceil(len(mb) / state.split)
                 for i in range(0, len(mb), size):
                     s, _ = backend.forward_backward(mb[i : i + size], scale=1.0 / n_targets)
@@ -224,6 +273,11 @@ def _accumulate(cfg, backend, micro_batches: list, n_targets: int, state: LoopSt
         except Exception as e:
             if not backend.is_out_of_memory(e):
                 raise
+            if world.size > 1 and cfg.distributed.strategy == "fsdp":  # a retry would desynchronise FSDP's gathers
+                t = cfg.train
+                raise AfinarError(f"Out of memory at step {state.step + 1} under FSDP ({world.size} processes). Lower "
+                                  f"train.batch_tokens (now {t.batch_tokens}) or train.batch_size (now {t.batch_size}), "
+                                  "or set train.gradient_checkpointing=true.") from None
             backend.recover_from_out_of_memory()
             if cfg.train.batch_size // state.split <= 1:
                 raise AfinarError(
@@ -240,14 +294,16 @@ def _accumulate(cfg, backend, micro_batches: list, n_targets: int, state: LoopSt
             emit(event)
 
 
-def _evaluate(cfg, backend, prepared, state: LoopState, steps: int, writer, emit) -> dict | None:
-    val = validation_loss(backend, prepared.val, max(cfg.train.batch_size, 8))
+def _evaluate(cfg, backend, prepared, state: LoopState, steps: int, writer, emit,
+              world=distributed.SINGLE) -> dict | None:
+    val = validation_loss(backend, prepared.val, max(cfg.train.batch_size, 8), world)
     if val is None:
         return None
     state.last_val = val
     if state.best_val is None or val < state.best_val:
         state.best_val, state.best_step, state.evals_without_improvement = val, state.step, 0
-        checkpoints.save_best(writer.tmp, backend, state.step, val)
+        if world.main:
+            checkpoints.save_best(writer.tmp, backend, state.step, val)
     else:
         state.evals_without_improvement += 1
     record = {"step": state.step, "val_loss": round(val, 5), "best_val_loss": round(state.best_val, 5)}
@@ -280,7 +336,7 @@ def _divergence(cfg, state: LoopState, loss: float) -> dict | None:
 
 
 def _finish(cfg, writer, backend, resolved, prepared, train_ex, val_ex, state: LoopState, steps, started,
-            resumed_from, stopped, emit, memory_plan) -> Path:
+            resumed_from, stopped, emit, memory_plan, per_epoch: int) -> Path:
     best = checkpoints.best(writer.tmp)
     if stopped and stopped["reason"] == "diverged" and best is None:
         raise AfinarError(stopped["message"] + " No validation checkpoint was saved before it, so no run was written.")
@@ -306,7 +362,7 @@ def _finish(cfg, writer, backend, resolved, prepared, train_ex, val_ex, state: L
         "host": {"python": sys.version.split()[0], "platform": platform.platform()},
         "steps": state.step,
         "planned_steps": steps,
-        "epochs_completed": round(state.consumed * cfg.train.batch_size / len(prepared.train), 3),
+        "epochs_completed": round(state.consumed / per_epoch, 3),
         "tokens_seen": state.tokens_seen,
         "target_tokens_seen": state.targets_seen,
         "train_time_s": round(state.train_time_s, 2),

@@ -101,12 +101,13 @@ class Boom(RuntimeError):
     """A simulated crash."""
 
 
-def crash_on_step(monkeypatch, step: int) -> dict:
-    """Make the `step`-th optimizer step raise Boom; returns the call counter."""
+def crash_on_step(monkeypatch, step: int, backend_class=None) -> dict:
+    """Make the `step`-th optimizer step raise Boom (torch backend unless given); returns the call counter."""
     from afinar.backends.torch_backend import TorchBackend
 
+    backend_class = backend_class or TorchBackend
     calls = {"n": 0}
-    original = TorchBackend.optimizer_step
+    original = backend_class.optimizer_step
 
     def optimizer_step(self, lr):
         calls["n"] += 1
@@ -114,5 +115,5 @@ def crash_on_step(monkeypatch, step: int) -> dict:
             raise Boom("simulated crash")
         return original(self, lr)
 
-    monkeypatch.setattr(TorchBackend, "optimizer_step", optimizer_step)
+    monkeypatch.setattr(backend_class, "optimizer_step", optimizer_step)
     return calls

@@ -15,7 +15,7 @@ from conftest import DATA_DIR, REPO
 
 RUN_FILES = {
     "adapter_model.safetensors", "adapter_config.json", "training_config.json", "qlora_config.json",
-    "metadata.json", "training_state.json", "metrics.jsonl", "loss.png", "INTEGRATION_GUIDE.md", "checkpoints",
+    "metadata.json", "training_state.json", "metrics.jsonl", "loss.png", "INTEGRATION_GUIDE.md", "checkpoints", "mlx",
 }
 STEP_KEYS = {"step", "epoch", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "elapsed_s", "memory_mb", "peak_memory_mb"}
 EVAL_KEYS = {"step", "val_loss", "best_val_loss"}

@@ -21,7 +21,7 @@ from conftest import QA, Boom, crash_on_step, qa_rows, tiny_config, write_jsonl
 
 RUN_FILES = {
     "adapter_model.safetensors", "adapter_config.json", "training_config.json", "lora_config.json",
-    "metadata.json", "training_state.json", "metrics.jsonl", "loss.png", "INTEGRATION_GUIDE.md", "checkpoints",
+    "metadata.json", "training_state.json", "metrics.jsonl", "loss.png", "INTEGRATION_GUIDE.md", "checkpoints", "mlx",
 }
 STEP_KEYS = {"step", "epoch", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "elapsed_s", "memory_mb", "peak_memory_mb"}
 EVAL_KEYS = {"step", "val_loss", "best_val_loss"}

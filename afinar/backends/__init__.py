@@ -10,11 +10,24 @@ from afinar.backends.base import Backend
 from afinar.config import Config
 
 
+def resolve_name(cfg: Config) -> str:
+    """'auto' -> 'mlx' on an Apple Silicon Mac with MLX installed, 'torch' everywhere else."""
+    if cfg.backend != "auto":
+        return cfg.backend
+    from afinar.backends import mlx_backend
+
+    return "mlx" if mlx_backend.on_apple_silicon() and mlx_backend.available() else "torch"
+
+
 def get_backend(cfg: Config) -> Backend:
-    """The backend named by `cfg.backend` ('auto' -> torch: the only one in this release)."""
-    name = "torch" if cfg.backend == "auto" else cfg.backend
+    """The backend named by `cfg.backend` (see `resolve_name` for 'auto')."""
+    name = resolve_name(cfg)
     if name == "torch":
         from afinar.backends.torch_backend import TorchBackend
 
         return TorchBackend(cfg)
+    if name == "mlx":
+        from afinar.backends.mlx_backend import MLXBackend
+
+        return MLXBackend(cfg)
     raise AssertionError(f"unreachable: config validation admits backend={cfg.backend!r}")

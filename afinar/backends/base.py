@@ -7,7 +7,7 @@ floats: the training loop never sees a tensor.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 from afinar.data import Encoded
 from afinar.models import ResolvedModel
@@ -47,11 +47,25 @@ class Backend(Protocol):
         """Restore what `save_checkpoint` wrote into the loaded, trainable model."""
 
     def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
-                 top_p: float = 1.0, seed: int = 0) -> list[list[int]]:
-        """New token ids for each prompt (batched), without the closing EOS."""
+                 top_p: float = 1.0, seed: int = 0,
+                 on_token: Callable[[int, int], None] | None = None,
+                 should_stop: Callable[[int], bool] | None = None) -> list[list[int]]:
+        """New token ids for each prompt (batched), without the closing EOS.
+
+        Serving streams and cancels through the two hooks: `on_token(row, token_id)` is called
+        as each new token of a row is produced (never for EOS), and a row for which
+        `should_stop(row)` returns True (client gone, stop string seen) ends early.
+        """
+
+    def save_merged(self, folder: Path) -> None:
+        """Write the loaded base with the adapter folded in, dequantized, as a plain HF model folder."""
 
     def memory(self) -> dict[str, float]:
         """{'memory_mb': now, 'peak_memory_mb': peak} of the device (process RSS on CPU)."""
 
     def describe(self) -> dict[str, Any]:
         """Device, dtypes, library versions and parameter counts, for metadata.json."""
+
+    # Optional: a backend with it trains under torchrun / accelerate launch (see afinar/distributed.py).
+    def all_sum(self, values: list[float]) -> list[float]:
+        """`values` summed element-wise over every process of the job."""

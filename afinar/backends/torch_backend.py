@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from transformers.generation import StoppingCriteriaList
 
-from afinar import hardware
+from afinar import distributed, hardware
+from afinar.backends import torch_hooks, torch_weights
 from afinar.config import Config
 from afinar.data import Encoded
 from afinar.errors import AfinarError
@@ -30,6 +33,11 @@ class TorchBackend:
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
+        self.world = distributed.from_env()
+        if self.world.size > 1:  # under torchrun / accelerate launch: join the others (and take GPU LOCAL_RANK)
+            from afinar.backends import torch_distributed
+
+            torch_distributed.setup(self.world, cfg.distributed.timeout_s)
         self.device = pick_device()
         dtype = cfg.model.compute_dtype
         if dtype == "auto":
@@ -38,18 +46,22 @@ class TorchBackend:
         self.model = None
         self.optimizer = None
         self.tokenizer = None
+        # Fused RMSNorm/SwiGLU kernels (torch_fast.py) in training: CUDA only, where they compile.
+        self.fuse_ops = self.device.type == "cuda"
+        self.cuda_speedups = self.device.type == "cuda"  # see _mixed_precision
+        self._decoder = None
 
     # ------------------------------------------------------------ loading
 
     def load(self, model: ResolvedModel, adapter_dir: str | Path | None = None, trainable: bool = True):
-        from peft import LoraConfig, PeftModel, get_peft_model
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        quantize = self.cfg.model.quantization == "nf4"
+        quantize = self.cfg.model.quantization != "none"  # 'int4' too: bitsandbytes trains NF4 only
         if quantize and self.device.type == "mps":
             raise AfinarError(
-                "model.quantization=nf4 needs bitsandbytes, which does not run on Apple's MPS. "
-                "Use --set model.quantization=none (LoRA) on this Mac."
+                f"model.quantization={self.cfg.model.quantization} with backend=torch needs bitsandbytes, which does "
+                "not run on Apple's MPS. Use the MLX backend for 4-bit on this Mac (pip install 'afinar[mlx]', then "
+                "--set backend=mlx), or --set model.quantization=none (LoRA on MPS)."
             )
         kwargs: dict[str, Any] = {"dtype": self.dtype}
         if quantize:
@@ -60,6 +72,8 @@ class TorchBackend:
                 bnb_4bit_quant_type="nf4",
                 bnb_4bit_use_double_quant=self.cfg.model.double_quant,
                 bnb_4bit_compute_dtype=self.dtype,
+                # FSDP shards floating-point tensors only, all of one dtype per unit (bitsandbytes' FSDP-QLoRA guide)
+                bnb_4bit_quant_storage=self.dtype if self._fsdp() else torch.uint8,
             )
         if self.device.type == "cuda":
             kwargs["device_map"] = {"": self.device.index or 0}
@@ -74,14 +88,26 @@ class TorchBackend:
             base.to(self.device)
         if self.tokenizer.eos_token_id is None:
             raise AfinarError(f"The tokenizer of {model.name!r} has no EOS token: answers could never end.")
+        return self.attach(base, self.tokenizer, adapter_dir, trainable)
 
+    def attach(self, base, tokenizer, adapter_dir: str | Path | None = None, trainable: bool = True):
+        """Put LoRA (new, or the saved adapter) on a loaded base and get it ready to train or answer.
+
+        Apart from `load` so benchmarks can hand in a base built in GPU memory.
+        """
+        from peft import LoraConfig, PeftModel, get_peft_model
+
+        self.tokenizer = tokenizer
+        quantize = self.cfg.model.quantization != "none"
         torch.manual_seed(self.cfg.train.seed)  # LoRA init is random: same seed, same adapter
-        merge = not trainable and adapter_dir is not None and self.device.type == "cpu"
+        # Answering: fold B A into dequantized weights once. On CPU bitsandbytes' 4-bit kernels
+        # are slow (seconds per token); on CUDA plain bf16 weights decode several times faster
+        # than 4-bit + adapter and allow the static-cache decoder (fast_decode.py), so the 4-bit
+        # path stays only for GPUs without room for the dense weights.
+        merge = not trainable and adapter_dir is not None and (
+            self.device.type == "cpu" or (self.device.type == "cuda" and torch_weights.dense_fits(base, self.dtype, self.device)))
         if merge and quantize:
-            # bitsandbytes' CPU 4-bit inference kernels are slow (seconds per token here):
-            # answer with the dequantized NF4 weights in plain Linear layers instead, which
-            # compute what training computed, several times faster.
-            _dequantize_4bit(base, self.dtype)
+            torch_weights.dequantize_4bit(base, self.dtype)
         if adapter_dir is not None:
             self.model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=trainable)
             if merge:  # fold B A into W once: no adapter overhead per token
@@ -101,16 +127,24 @@ class TorchBackend:
                 ) from None
         if trainable:
             if quantize and self.device.type == "cpu":
-                _keep_cpu_4bit_differentiable(self.model)
+                torch_weights.keep_cpu_4bit_differentiable(self.model)
             if self.cfg.train.gradient_checkpointing:
                 self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
                 self.model.enable_input_require_grads()
+            if self.fuse_ops:
+                from afinar.backends.torch_fast import fuse_pointwise
+
+                fuse_pointwise(self.model)
             params = [p for p in self.model.parameters() if p.requires_grad]
             self.optimizer = torch.optim.AdamW(
                 params, lr=self.cfg.train.learning_rate, weight_decay=self.cfg.train.weight_decay,
                 fused=self.device.type == "cuda",
             )
             self.model.train()
+            if self.world.size > 1:
+                from afinar.backends import torch_distributed
+
+                torch_distributed.prepare(self)
         else:
             self.model.eval()
         if self.device.type == "cuda":
@@ -119,7 +153,8 @@ class TorchBackend:
 
     # ------------------------------------------------------------ training
 
-    def _tensors(self, batch: list[Encoded]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _tensors(self, batch: list[Encoded], device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        device = device or self.device
         width = max(len(e.input_ids) for e in batch)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         ids = torch.full((len(batch), width), pad, dtype=torch.long)
@@ -132,7 +167,7 @@ class TorchBackend:
             t = torch.tensor(e.input_ids)
             t[~torch.tensor(e.loss_mask)] = IGNORE
             targets[row, :n] = t
-        return ids.to(self.device), attn.to(self.device), targets.to(self.device)
+        return ids.to(device), attn.to(device), targets.to(device)
 
     def loss_sum(self, batch: list[Encoded]) -> tuple[torch.Tensor, int]:
         """Sum of next-token cross-entropy over target tokens.
@@ -142,33 +177,81 @@ class TorchBackend:
         small model, so this skips most of its work and never builds full-vocabulary logits
         for prompt tokens. `tests/test_torch_backend.py` checks it equals the plain HF loss.
         """
-        ids, attn, targets = self._tensors(batch)
-        targets = targets[:, 1:]
-        keep = targets != IGNORE
-        n = int(keep.sum())
+        # Which positions are targets is known on the CPU: selecting them by index there keeps
+        # the GPU queue full (a boolean mask or a count on the GPU would wait for it to drain).
+        ids, _, targets = self._tensors(batch, torch.device("cpu"))
+        width = ids.shape[1]
+        keep = targets[:, 1:] != IGNORE
+        rows, cols = keep.nonzero(as_tuple=True)
+        where = (rows * width + cols).to(self.device)  # position t predicts token t + 1
+        labels = targets[:, 1:][keep].to(self.device)
+        n = len(labels)
+        ids = ids.to(self.device)
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         head = base.get_output_embeddings()
-        if getattr(base.config, "final_logit_softcapping", None) is None and hasattr(base, "get_decoder"):
-            hidden = base.get_decoder()(input_ids=ids, attention_mask=attn).last_hidden_state
-            logits = head(hidden[:, :-1][keep])
-        else:  # models that transform logits after the head: take the plain path
-            logits = self.model(input_ids=ids, attention_mask=attn).logits[:, :-1][keep]
-        return F.cross_entropy(logits.float(), targets[keep], reduction="sum"), n
+        # No padding mask: rows are right-padded, so under the causal mask a real token never
+        # sees padding (it comes after it) and padding positions carry no target. The outputs
+        # that count are the same, and attention runs as plain causal (flash) attention instead
+        # of a masked kernel that expands the mask per head (3 GB on a 7B step).
+        with self._mixed_precision():
+            if getattr(base.config, "final_logit_softcapping", None) is None and hasattr(base, "get_decoder"):
+                hidden = base.get_decoder()(input_ids=ids).last_hidden_state
+                logits = head(hidden.reshape(-1, hidden.shape[-1]).index_select(0, where))
+            else:  # models that transform logits after the head: take the plain path
+                logits = self.model(input_ids=ids).logits
+                logits = logits.reshape(-1, logits.shape[-1]).index_select(0, where)
+        return F.cross_entropy(logits.float(), labels, reduction="sum"), n
+
+    def _mixed_precision(self):
+        """CUDA training forward: bf16/fp16 autocast, and SDPA without cuDNN's attention.
+
+        Under autocast PEFT runs LoRA in the compute dtype on the bf16 activations (fp32 LoRA
+        weights cast once per step); without it PEFT casts every LoRA input to an fp32 copy
+        that autograd then keeps: three per layer with q/k/v targets, a quarter of the
+        activation memory of a 7B step. cuDNN's attention builds a plan for every new batch
+        shape (milliseconds of CPU per layer call); flash / memory-efficient kernels do not.
+        """
+        stack = contextlib.ExitStack()
+        stack.enter_context(self._attention_kernels())
+        if self.cuda_speedups and self.dtype in (torch.bfloat16, torch.float16):
+            stack.enter_context(torch.autocast("cuda", dtype=self.dtype))
+        return stack
+
+    def _attention_kernels(self):
+        if not self.cuda_speedups:
+            return contextlib.nullcontext()
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
     def forward_backward(self, batch: list[Encoded], scale: float) -> tuple[float, int]:
-        loss, n = self.loss_sum(batch)
-        (loss * scale).backward()
+        with self._attention_kernels():  # the same kernels when checkpointing recomputes in backward
+            loss, n = self.loss_sum(batch)
+            (loss * scale).backward()
         return float(loss.detach()), n
 
     def optimizer_step(self, lr: float) -> float:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        if self.world.size > 1:  # DDP semantics by one all-reduce: see torch_distributed.py
+            from afinar.backends import torch_distributed
+
+            torch_distributed.sum_gradients(params)
         max_norm = self.cfg.train.max_grad_norm
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return float(norm)
+
+    def all_sum(self, values: list[float]) -> list[float]:
+        """`values` summed over the processes of a torchrun / accelerate launch job (see distributed.py)."""
+        from afinar.backends import torch_distributed
+
+        return torch_distributed.all_sum(values, self.device)
+
+    def _fsdp(self) -> bool:
+        return self.world.size > 1 and self.cfg.distributed.strategy == "fsdp"
 
     @torch.no_grad()
     def eval_loss(self, batch: list[Encoded]) -> tuple[float, int]:
@@ -256,13 +339,19 @@ class TorchBackend:
 
     @torch.inference_mode()
     def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
-                 top_p: float = 1.0, seed: int = 0) -> list[list[int]]:
+                 top_p: float = 1.0, seed: int = 0, on_token=None, should_stop=None) -> list[list[int]]:
         eos = self.tokenizer.eos_token_id
+        if (fast := self._fast_decoder(prompts, max_new_tokens)) is not None:
+            return fast.generate(prompts, max_new_tokens, eos, temperature, top_p, seed, on_token, should_stop)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos
         width = max(len(p) for p in prompts)
         # Left padding: every row's next token sits in the same (last) column.
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=self.device)
         attn = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
+        hooks = {}
+        if on_token is not None or should_stop is not None:
+            rows = torch_hooks.RowHooks(len(prompts), eos, on_token, should_stop)
+            hooks = {"streamer": rows, "stopping_criteria": StoppingCriteriaList([rows])}
         was_training = self.model.training
         self.model.eval()
         torch.manual_seed(seed)
@@ -271,16 +360,41 @@ class TorchBackend:
             out = self.model.generate(
                 input_ids=ids, attention_mask=attn, max_new_tokens=max_new_tokens, do_sample=sample,
                 temperature=temperature if sample else None, top_p=top_p if sample else None, top_k=None,
-                pad_token_id=pad, eos_token_id=eos,
+                pad_token_id=pad, eos_token_id=eos, **hooks,
             )
         finally:
             self.model.train(was_training)
+        if hooks:
+            return rows.tokens
         results = []
         for row in out[:, width:].tolist():
             results.append(row[: row.index(eos)] if eos in row else row)
         return results
 
-    # ------------------------------------------------------------ reporting
+    def _fast_decoder(self, prompts: list[list[int]], max_new_tokens: int):
+        """The static-cache CUDA-graph decoder when the model was merged at load (CUDA only)."""
+        from afinar.backends import fast_decode
+
+        if self.device.type != "cuda" or self.model.training or not fast_decode.supported(self.model):
+            return None
+        if self._decoder is None or self._decoder.model is not self.model or self._decoder.qkv is None:
+            self._decoder = fast_decode.StaticDecoder(self.model)
+        return self._decoder if self._decoder.fits(prompts, max_new_tokens) else None
+
+    # ------------------------------------------------------------ merged export
+
+    @torch.no_grad()
+    def save_merged(self, folder: Path) -> None:
+        """Fold the adapter into dequantized full-precision weights and save a plain HF folder.
+
+        The merged weights are never re-quantized: rounding W + BA back to 4 bits can erase an
+        update that small (PEFT's own bnb merge does re-quantize, so it is not used here).
+        """
+        model = self.model
+        if self._decoder is not None:  # its fused weights are views that serialisers would dedupe
+            self._decoder.unfuse()
+        model = torch_weights.merge_into_dense(model, self.dtype, quantized=self.cfg.model.quantization != "none")
+        model.save_pretrained(str(folder))
 
     def memory(self) -> dict[str, float]:
         if self.device.type == "cuda":
@@ -303,7 +417,9 @@ class TorchBackend:
             "threads": torch.get_num_threads(),
             "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__},
         }
-        if self.cfg.model.quantization == "nf4":
+        if self.cfg.model.quantization != "none":
+            info["quantization"] = "bitsandbytes NF4" + (", double quant" if self.cfg.model.double_quant else "") + (
+                " (model.quantization=int4 maps to NF4 on torch)" if self.cfg.model.quantization == "int4" else "")
             import bitsandbytes
 
             info["versions"]["bitsandbytes"] = bitsandbytes.__version__
@@ -311,38 +427,3 @@ class TorchBackend:
             trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
             info["trainable_parameters"] = trainable
         return info
-
-
-def _keep_cpu_4bit_differentiable(model) -> None:
-    """Stop bitsandbytes from repacking 4-bit weights for CPU inference during training.
-
-    bitsandbytes 0.50 repacks a Linear4bit's weight into an AVX512-BF16 layout the first time it
-    runs in eval mode without gradients (our validation pass), and the repacked path has no
-    backward: every later training step silently gets zero gradients. Tested in
-    tests/test_torch_backend.py::test_qlora_cpu_trains_after_validation.
-    """
-    import bitsandbytes as bnb
-
-    for module in model.modules():
-        if isinstance(module, bnb.nn.Linear4bit):
-            module.support_avx512bf16_for_cpu = False
-
-
-def _dequantize_4bit(model, dtype) -> None:
-    """Replace every bitsandbytes Linear4bit by an nn.Linear holding its dequantized weight."""
-    import bitsandbytes as bnb
-    from bitsandbytes.functional import dequantize_4bit
-
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, bnb.nn.Linear4bit):
-                linear = torch.nn.Linear(child.in_features, child.out_features, bias=child.bias is not None,
-                                         dtype=dtype, device=child.weight.device)
-                with torch.no_grad():
-                    linear.weight.copy_(dequantize_4bit(child.weight.data, child.weight.quant_state).to(dtype))
-                    if child.bias is not None:
-                        linear.bias.copy_(child.bias.to(dtype))
-                setattr(parent, name, linear)
-    if hasattr(model, "hf_quantizer"):
-        model.hf_quantizer = None
-    model.is_loaded_in_4bit = False
