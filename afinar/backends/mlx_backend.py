@@ -211,7 +211,7 @@ class MLXBackend:
 
     def optimizer_step(self, lr: float) -> float:
         from mlx.optimizers import clip_grad_norm
-        from mlx.utils import tree_flatten, tree_map
+        from mlx.utils import tree_flatten
 
         mx = self.mx
         max_norm = self.cfg.train.max_grad_norm
@@ -221,7 +221,7 @@ class MLXBackend:
             grads = self.grads
             norm = mx.sqrt(sum((g.astype(mx.float32) ** 2).sum() for _, g in tree_flatten(grads)))
         self.optimizer.learning_rate = mx.array(lr, dtype=mx.float32)
-        self.optimizer.update(self.model, tree_map(lambda g: g, grads))
+        self.optimizer.update(self.model, grads)
         mx.eval(self.model.parameters(), self.optimizer.state)
         self.grads = None
         return float(norm)
