@@ -33,7 +33,6 @@ sys.path.insert(0, str(REPO))
 
 def plain_mlx_lm(model_path: Path, rows: list[dict], args, quantize: bool, tmp: Path) -> dict:
     import mlx.core as mx
-    import mlx.nn as nn
     import mlx.optimizers as optim
     from mlx_lm.tuner import trainer
     from mlx_lm.tuner.datasets import CacheDataset, CompletionsDataset
@@ -41,13 +40,12 @@ def plain_mlx_lm(model_path: Path, rows: list[dict], args, quantize: bool, tmp: 
     from mlx_lm.utils import load_model
     from transformers import AutoTokenizer
 
-    from afinar.backends.mlx_backend import BITS, GROUP_SIZE
+    from afinar.backends.mlx_backend import quantize_base
 
     model, _ = load_model(model_path)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     if quantize:
-        nn.quantize(model, GROUP_SIZE, BITS, class_predicate=lambda path, m: (
-            isinstance(m, nn.Linear) and ".layers." in f".{path}" and m.weight.shape[-1] % GROUP_SIZE == 0))
+        quantize_base(model)  # afinar's choice of layers, so both sides train the same quantized model
     model.freeze()
     keys = sorted({n for n, _ in model.layers[0].named_modules() if n.rsplit(".", 1)[-1] in args.targets})
     mx.random.seed(0)

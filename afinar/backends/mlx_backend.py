@@ -33,6 +33,15 @@ GROUP_SIZE, BITS = 64, 4
 _PLAIN_HEAD = {"llama", "qwen2", "qwen3", "mistral"}
 
 
+def quantize_base(net) -> None:
+    """MLX affine 4-bit on the transformer blocks' Linear layers only, as bitsandbytes QLoRA does:
+    embeddings and the LM head stay in full precision."""
+    import mlx.nn as nn
+
+    nn.quantize(net, GROUP_SIZE, BITS, class_predicate=lambda path, m: (
+        isinstance(m, nn.Linear) and ".layers." in f".{path}" and m.weight.shape[-1] % GROUP_SIZE == 0))
+
+
 def on_apple_silicon() -> bool:
     return platform.system() == "Darwin" and platform.machine() == "arm64"
 
@@ -97,10 +106,7 @@ class MLXBackend:
         net.set_dtype(self.dtype)
         self.model_type = json.loads((path / "config.json").read_text())["model_type"]
         if self.cfg.model.quantization != "none":
-            # Only the transformer blocks' Linear layers, as bitsandbytes QLoRA does: embeddings
-            # and the LM head stay in full precision.
-            nn.quantize(net, GROUP_SIZE, BITS, class_predicate=lambda path, m: (
-                isinstance(m, nn.Linear) and ".layers." in f".{path}" and m.weight.shape[-1] % GROUP_SIZE == 0))
+            quantize_base(net)
         net.freeze()
         layers = net.layers
         if trainable and self.cfg.train.gradient_checkpointing:
@@ -118,7 +124,6 @@ class MLXBackend:
                             if isinstance(m, (nn.Linear, nn.QuantizedLinear))})
             raise AfinarError(f"lora.target_modules={lora.target_modules}: {sorted(targets - found)} not found. "
                               f"Linear layers in this model: {names}.")
-        self.keys = keys
         mx.random.seed(self.cfg.train.seed)  # LoRA init is random: same seed, same adapter
         linear_to_lora_layers(net, self.num_layers, {
             "rank": lora.rank, "scale": lora.alpha / lora.rank, "dropout": lora.dropout, "keys": keys})
