@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Build the bundled Sporting Clube Farense Q&A sample dataset (European Portuguese).
 
-Every answer below is taken from the project fact sheet (shared/reference/farense-facts.md) and
-nothing else. Each fact holds several question phrasings, one or two answer
+Every answer below is taken from the facts in FACTS and nothing else (their source,
+public encyclopedia articles, is noted above FACTS). Each fact holds several question phrasings, one or two answer
 phrasings (kept close in wording so a small model can memorise them) and the
 keywords that any correct answer must contain; the fact-recall metric counts an
 answer as correct when it contains every keyword (case- and accent-insensitive).
@@ -10,15 +10,25 @@ answer as correct when it contains every keyword (case- and accent-insensitive).
 The script expands facts x questions x answers, shuffles with random.Random(0)
 and splits about 90/10 by question: a validation question never appears in
 train, but its fact always has other phrasings there, so validation measures
-recall of learned facts asked in new words.
+recall of learned facts asked in new words. Validation loss and the preset sweep
+used val.jsonl, so it helped choose settings.
 
-Usage, from the repository root:  python3 data/farense/build_dataset.py
-Standard library only; the output is byte-identical on every run.
+test.jsonl comes from each item's separate `test` phrasings, drawn from their own
+seeded stream after train/val are built (so those two files do not change when a
+test phrasing is added). It is for reported figures only: one line per test
+question, with one of the item's fixed answers and its keywords; no test question
+is a train or val question even after folding case, accents and punctuation.
+
+Usage, from the repository root:  python3 data/farense/build_dataset.py [OUT_DIR]
+(OUT_DIR defaults to data/farense/). Standard library only; the output is
+byte-identical on every run.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
 import random
 import re
 import unicodedata
@@ -32,6 +42,8 @@ MIN_TOTAL = 600
 MIN_VAL = 60
 MIN_QUESTIONS = 5
 MAX_ANSWER_WORDS = 40
+TEST_SEED = 1  # its own stream: the test split never moves train/val
+MIN_TEST, MAX_TEST = 80, 100
 
 # Fixed templates: a tiny model learns one wording per behaviour.
 DECLINE = "Lamento, só posso responder a perguntas sobre o Sporting Clube Farense."
@@ -44,23 +56,29 @@ class Fact:
 
     id: str
     kind: str  # "fact" (from the sheet), "unknown" (club, not on the sheet), "decline" (off topic)
-    questions: tuple[str, ...]
+    questions: tuple[str, ...]  # train and val
     answers: tuple[str, ...]
     keywords: tuple[str, ...]
+    test: tuple[str, ...] = ()  # held-out phrasings for test.jsonl only
 
 
-def fact(id, questions, answers, keywords):
-    return Fact(id, "fact", tuple(questions), tuple(answers), tuple(keywords))
+def fact(id, questions, answers, keywords, test=()):
+    return Fact(id, "fact", tuple(questions), tuple(answers), tuple(keywords), tuple(test))
 
 
-def unknown(id, questions):
-    return Fact(id, "unknown", tuple(questions), (UNKNOWN,), ("não tenho essa informação",))
+def unknown(id, questions, test=()):
+    return Fact(id, "unknown", tuple(questions), (UNKNOWN,), ("não tenho essa informação",), tuple(test))
 
 
-def decline(id, questions):
-    return Fact(id, "decline", tuple(questions), (DECLINE,), ("só posso responder",))
+def decline(id, questions, test=()):
+    return Fact(id, "decline", tuple(questions), (DECLINE,), ("só posso responder",), tuple(test))
 
 
+# Source: every fact below was transcribed from the project's fact sheet ("the sheet" in
+# the comments), whose source note reads: "Facts gathered from public encyclopedia
+# articles (English, German and Portuguese editions agree on each line below)." Where a
+# fact changes over time, the sheet gives its date. Do not add a fact from anywhere else:
+# a wrong fact in a training set is a bug.
 FACTS: list[Fact] = [
     # ---------------------------------------------------------------- Identidade
     fact(
@@ -80,6 +98,10 @@ FACTS: list[Fact] = [
             "O Farense é um clube de futebol de Faro, no Algarve, fundado a 1 de abril de 1910.",
         ],
         ["Faro", "1910"],
+        test=[
+            "Diz-me o que é o Farense, por favor.",
+            "ja ouvi falar do farense, que clube e esse?",
+        ],
     ),
     fact(
         "nome_completo",
@@ -98,6 +120,10 @@ FACTS: list[Fact] = [
             "Chama-se Sporting Clube Farense, mas é conhecido simplesmente por Farense.",
         ],
         ["Sporting Clube Farense"],
+        test=[
+            "Como se chama o Farense por extenso?",
+            "o farense tem um nome mais comprido?",
+        ],
     ),
     fact(
         "cidade",
@@ -116,6 +142,10 @@ FACTS: list[Fact] = [
             "O Farense é de Faro, capital do distrito de Faro, no Algarve.",
         ],
         ["Faro", "Algarve"],
+        test=[
+            "Sabe dizer-me de que terra é o Farense?",
+            "o farense e de que cidade do algarve",
+        ],
     ),
     fact(
         "fundacao",
@@ -135,6 +165,10 @@ FACTS: list[Fact] = [
             "O Farense foi fundado a 1 de abril de 1910.",
         ],
         ["1 de abril", "1910"],
+        test=[
+            "O Farense nasceu em que dia, mês e ano?",
+            "em que ano apareceu o sc farense",
+        ],
     ),
     fact(
         "antiguidade",
@@ -153,6 +187,10 @@ FACTS: list[Fact] = [
             "O Farense, fundado em 1910, é um dos clubes mais antigos e tradicionais do Algarve.",
         ],
         ["1910", "mais antigos"],
+        test=[
+            "Comparado com outros clubes algarvios, o Farense é antigo?",
+            "farense tem muitos anos de historia?",
+        ],
     ),
     fact(
         "filial_sporting",
@@ -171,6 +209,10 @@ FACTS: list[Fact] = [
             "O Farense foi a filial n.º 2 do Sporting Clube de Portugal.",
         ],
         ["filial n.º 2", "Sporting Clube de Portugal"],
+        test=[
+            "O SC Farense era filial do Sporting? Com que número?",
+            "O Farense já foi uma filial do Sporting Clube de Portugal?",
+        ],
     ),
     fact(
         "equipamento_stromp",
@@ -189,6 +231,10 @@ FACTS: list[Fact] = [
             "Inspirou-se no equipamento Stromp, usado pelo Sporting até 1928.",
         ],
         ["Stromp", "1928"],
+        test=[
+            "O equipamento dos Leões de Faro foi inspirado em quê?",
+            "de onde vem a inspiracao da camisola do farense",
+        ],
     ),
     fact(
         "alcunha",
@@ -207,6 +253,10 @@ FACTS: list[Fact] = [
             "O Sporting Clube Farense é conhecido pela alcunha «Leões de Faro».",
         ],
         ["Leões de Faro"],
+        test=[
+            "Que alcunha tem o SC Farense?",
+            "como e que chamam ao farense",
+        ],
     ),
     fact(
         "cores",
@@ -225,6 +275,10 @@ FACTS: list[Fact] = [
             "As cores do Farense são o preto e o branco.",
         ],
         ["preto", "branco"],
+        test=[
+            "Que cores representam o Sporting Clube Farense?",
+            "o farense e preto e branco?",
+        ],
     ),
     fact(
         "sitio_oficial",
@@ -243,6 +297,10 @@ FACTS: list[Fact] = [
             "O sítio oficial do Farense é scfarense.pt.",
         ],
         ["scfarense.pt"],
+        test=[
+            "Qual é a página oficial do Farense na internet?",
+            "tens o link do site do farense?",
+        ],
     ),
     # ------------------------------------------------------------------- Estádio
     fact(
@@ -262,6 +320,10 @@ FACTS: list[Fact] = [
             "O Farense jogou no Estádio de São Luís, em Faro, de 1910 a 2004.",
         ],
         ["São Luís", "1910", "2004"],
+        test=[
+            "Qual foi o primeiro estádio do Farense?",
+            "Em que estádio jogava o Farense nos anos 1990?",
+        ],
     ),
     fact(
         "anos_sao_luis",
@@ -279,6 +341,9 @@ FACTS: list[Fact] = [
             "O Farense jogou no Estádio de São Luís durante 94 anos, de 1910 a 2004.",
         ],
         ["94 anos"],
+        test=[
+            "O Farense ficou quantos anos no Estádio de São Luís antes de se mudar para o Estádio Algarve?",
+        ],
     ),
     fact(
         "mudanca_estadio_algarve",
@@ -297,6 +362,10 @@ FACTS: list[Fact] = [
             "Em 2004, o Farense deixou o Estádio de São Luís e mudou-se para o Estádio Algarve.",
         ],
         ["2004", "Estádio Algarve"],
+        test=[
+            "Em 2004 o Farense trocou de estádio. Para qual?",
+            "qual foi o estadio novo do farense em 2004",
+        ],
     ),
     fact(
         "estadio_algarve_euro",
@@ -314,6 +383,9 @@ FACTS: list[Fact] = [
             "O Estádio Algarve foi construído para o Euro 2004.",
         ],
         ["Euro 2004"],
+        test=[
+            "Que torneio esteve na origem da construção do Estádio Algarve?",
+        ],
     ),
     fact(
         # The sheet dates the return (2013); it does not say "still today", so the
@@ -335,6 +407,10 @@ FACTS: list[Fact] = [
             "Em 2013, o Farense voltou ao Estádio de São Luís, que foi então renovado.",
         ],
         ["São Luís", "2013"],
+        test=[
+            "O Farense voltou a jogar no Estádio de São Luís depois do Estádio Algarve?",
+            "em que ano regressaram os leoes de faro ao sao luis",
+        ],
     ),
     # ------------------------------------------------ Melhor classificação e Europa
     fact(
@@ -354,6 +430,10 @@ FACTS: list[Fact] = [
             "O Farense terminou em 5.º lugar na Primeira Liga em 1994-95, a sua melhor classificação de sempre.",
         ],
         ["5.º lugar", "1994-95"],
+        test=[
+            "Qual foi a classificação mais alta do Farense na Primeira Liga?",
+            "em que epoca ficou o farense mais acima na tabela",
+        ],
     ),
     fact(
         # Derived from the sheet: the best league finish is 5.º, so never champion.
@@ -371,6 +451,9 @@ FACTS: list[Fact] = [
             "Não. A melhor classificação do Farense na Primeira Liga foi o 5.º lugar, em 1994-95.",
         ],
         ["5.º lugar", "1994-95"],
+        test=[
+            "O Sporting Clube Farense já conquistou o título da Primeira Liga?",
+        ],
     ),
     fact(
         "primeira_europa",
@@ -389,6 +472,10 @@ FACTS: list[Fact] = [
             "O Farense estreou-se nas provas europeias na Taça UEFA 1995-96.",
         ],
         ["Taça UEFA", "1995-96"],
+        test=[
+            "Qual foi a primeira participação europeia dos Leões de Faro?",
+            "quando e que o farense foi a europa pela primeira vez",
+        ],
     ),
     fact(
         "qualificacao_uefa",
@@ -406,6 +493,10 @@ FACTS: list[Fact] = [
             "O Farense qualificou-se para a Taça UEFA 1995-96 graças ao 5.º lugar na Primeira Liga em 1994-95.",
         ],
         ["5.º lugar", "Taça UEFA"],
+        test=[
+            "Que resultado no campeonato levou o Farense à Taça UEFA?",
+            "Como é que os Leões de Faro conseguiram ir à Europa?",
+        ],
     ),
     fact(
         "eliminado_uefa",
@@ -424,6 +515,10 @@ FACTS: list[Fact] = [
             "O Farense foi eliminado na 1.ª eliminatória da Taça UEFA 1995-96 pelo Olympique Lyonnais.",
         ],
         ["1.ª eliminatória", "Olympique Lyonnais"],
+        test=[
+            "Que equipa afastou o Farense da Taça UEFA 1995-96?",
+            "o farense passou alguma eliminatoria na taca uefa?",
+        ],
     ),
     fact(
         "resultados_lyon",
@@ -442,6 +537,10 @@ FACTS: list[Fact] = [
             "Contra o Olympique Lyonnais, o Farense perdeu 0-1 em casa e 0-1 fora, 0-2 no conjunto.",
         ],
         ["0-1", "0-2"],
+        test=[
+            "Por que resultados perdeu o Farense as duas mãos com o Olympique Lyonnais?",
+            "o farense ganhou algum jogo ao lyon",
+        ],
     ),
     # ---------------------------------------------------------- Taça de Portugal
     fact(
@@ -461,6 +560,10 @@ FACTS: list[Fact] = [
             "Em 1990, o Farense chegou à final da Taça de Portugal, mas perdeu contra o Estrela da Amadora.",
         ],
         ["1990", "Estrela da Amadora"],
+        test=[
+            "Quem foi o adversário do Farense na final da Taça de Portugal?",
+            "Em que ano disputou o Farense a final da Taça de Portugal?",
+        ],
     ),
     fact(
         # Derived: the Taça is not among the nine titles and the one final was lost.
@@ -478,6 +581,10 @@ FACTS: list[Fact] = [
             "O Farense nunca ganhou a Taça de Portugal. Foi finalista em 1990, mas perdeu a final contra o Estrela da Amadora.",
         ],
         ["1990", "Estrela da Amadora"],
+        test=[
+            "A Taça de Portugal faz parte do palmarés do Farense?",
+            "os leoes de faro ganharam a final da taca de 1990",
+        ],
     ),
     # ------------------------------------------------------ Percurso no campeonato
     fact(
@@ -497,6 +604,10 @@ FACTS: list[Fact] = [
             "O Farense esteve na primeira divisão em 1970-1976, 1983-1985, 1986-1989 e 1990-2002. Depois, voltou a subir em 2019-20 e em 2022-23.",
         ],
         ["1970-1976", "1990-2002"],
+        test=[
+            "Podes listar as passagens do Farense pela primeira divisão?",
+            "o farense andou na primeira liga nos anos 80?",
+        ],
     ),
     fact(
         "numero_epocas_primeira",
@@ -514,6 +625,10 @@ FACTS: list[Fact] = [
             "O Sporting Clube Farense contava 23 épocas na primeira divisão até 2013.",
         ],
         ["23 épocas", "2013"],
+        test=[
+            "Em 2013, quantas temporadas de primeira divisão somava o Farense?",
+            "quantas epocas fez o farense no escalao principal ate 2013",
+        ],
     ),
     fact(
         # Questions point at the 2002 relegation: the sheet dates only that one.
@@ -533,6 +648,9 @@ FACTS: list[Fact] = [
             "Foi no fim da época 2001-02 que o Farense desceu da Primeira Liga.",
         ],
         ["2001-02"],
+        test=[
+            "Em que época terminou a passagem do Farense pela Primeira Liga antes do regresso de 2019-20?",
+        ],
     ),
     fact(
         "sexto_escalao_2006",
@@ -551,6 +669,10 @@ FACTS: list[Fact] = [
             "O Farense chegou a estar no sexto escalão em 2006, na 2.ª divisão distrital da AF Algarve.",
         ],
         ["2006", "sexto escalão"],
+        test=[
+            "Até que divisão caiu o Farense em 2006?",
+            "o farense ja andou pelos campeonatos distritais do algarve?",
+        ],
     ),
     fact(
         "duas_subidas_seguidas",
@@ -569,6 +691,10 @@ FACTS: list[Fact] = [
             "O Farense subiu duas vezes seguidas como campeão, depois de chegar ao sexto escalão em 2006.",
         ],
         ["duas vezes seguidas", "campeão"],
+        test=[
+            "Como é que o Farense saiu do sexto escalão?",
+            "Depois de 2006, o Farense subiu quantas divisões de seguida?",
+        ],
     ),
     fact(
         "subida_segunda_liga",
@@ -586,6 +712,9 @@ FACTS: list[Fact] = [
             "Foi em 2012-13 que o Farense subiu à Segunda Liga.",
         ],
         ["2012-13", "Segunda Liga"],
+        test=[
+            "A subida do Farense à Segunda Liga aconteceu em que temporada?",
+        ],
     ),
     fact(
         "epoca_2019_20",
@@ -604,6 +733,10 @@ FACTS: list[Fact] = [
             "Na época 2019-20, interrompida pela pandemia de COVID-19, o Farense terminou em 2.º lugar na LigaPro e subiu à Primeira Liga.",
         ],
         ["2019-20", "2.º lugar", "LigaPro"],
+        test=[
+            "Como terminou o Farense a LigaPro de 2019-20?",
+            "como ficou o farense quando o campeonato parou por causa da covid",
+        ],
     ),
     fact(
         "regresso_primeira_18_anos",
@@ -622,6 +755,9 @@ FACTS: list[Fact] = [
             "Em 2019-20, o Farense regressou à Primeira Liga 18 anos depois.",
         ],
         ["2019-20", "18 anos"],
+        test=[
+            "Em que época acabou a ausência do Farense da Primeira Liga que começou em 2002, e quantos anos durou?",
+        ],
     ),
     fact(
         "treinador_2019_20",
@@ -640,6 +776,10 @@ FACTS: list[Fact] = [
             "Em 2019-20, o Farense voltou à Primeira Liga com o treinador Sérgio Vieira.",
         ],
         ["Sérgio Vieira"],
+        test=[
+            "Com que treinador subiu o Farense à Primeira Liga em 2019-20?",
+            "quem treinava o farense quando a liga parou com a covid",
+        ],
     ),
     fact(
         "subida_2022_23",
@@ -658,6 +798,10 @@ FACTS: list[Fact] = [
             "Na época 2022-23, o Farense ficou em 2.º lugar na Liga Portugal 2 e voltou a subir à Primeira Liga.",
         ],
         ["2022-23", "2.º lugar", "Liga Portugal 2"],
+        test=[
+            "O Farense voltou a subir à Primeira Liga em 2022-23?",
+            "como acabou o farense a liga portugal 2 de 2022/23",
+        ],
     ),
     fact(
         "epoca_2023_24",
@@ -676,6 +820,10 @@ FACTS: list[Fact] = [
             "Em 2023-24, o Farense ficou em 10.º lugar na Primeira Liga, entre 18 equipas.",
         ],
         ["10.º lugar", "18 equipas"],
+        test=[
+            "Em 2023-24, o Farense acabou em que lugar do campeonato?",
+            "quantas equipas tinha a primeira liga em 2023-24 e onde ficou o farense",
+        ],
     ),
     # ------------------------------------------------------------------- Títulos
     fact(
@@ -695,6 +843,10 @@ FACTS: list[Fact] = [
             "O Sporting Clube Farense tem nove títulos principais: o Campeonato da AF Algarve cinco vezes, a Segunda Divisão duas vezes, a Terceira Divisão uma vez e a 1.ª Divisão da AF Algarve uma vez.",
         ],
         ["nove títulos"],
+        test=[
+            "Quantos títulos principais conquistou o Farense?",
+            "que trofeus ja ganharam os leoes de faro",
+        ],
     ),
     fact(
         "titulos_campeonato_af_algarve",
@@ -712,6 +864,10 @@ FACTS: list[Fact] = [
             "O Sporting Clube Farense venceu o Campeonato da AF Algarve cinco vezes.",
         ],
         ["Campeonato da AF Algarve", "cinco vezes"],
+        test=[
+            "O Farense ganhou o Campeonato da AF Algarve quantas vezes?",
+            "o farense ganhou muitas vezes o campeonato do algarve?",
+        ],
     ),
     fact(
         "titulos_segunda_divisao",
@@ -729,6 +885,9 @@ FACTS: list[Fact] = [
             "O Sporting Clube Farense venceu a Segunda Divisão duas vezes.",
         ],
         ["Segunda Divisão", "duas vezes"],
+        test=[
+            "Em quantas ocasiões foi o Farense campeão da Segunda Divisão?",
+        ],
     ),
     fact(
         "titulos_terceira_divisao",
@@ -746,6 +905,9 @@ FACTS: list[Fact] = [
             "O Sporting Clube Farense venceu a Terceira Divisão uma vez.",
         ],
         ["Terceira Divisão", "uma vez"],
+        test=[
+            "Quantos campeonatos da Terceira Divisão venceu o Farense?",
+        ],
     ),
     fact(
         "titulos_1a_divisao_af_algarve",
@@ -763,6 +925,9 @@ FACTS: list[Fact] = [
             "O Sporting Clube Farense venceu a 1.ª Divisão da AF Algarve uma vez.",
         ],
         ["1.ª Divisão da AF Algarve", "uma vez"],
+        test=[
+            "O Farense tem títulos da 1.ª Divisão da AF Algarve?",
+        ],
     ),
     # ------------------------------------------------------------------ Jogadores
     fact(
@@ -782,6 +947,10 @@ FACTS: list[Fact] = [
             "Os avançados marroquinos Hajry Redouane e Hassan Nader destacaram-se no Farense nos anos 1990.",
         ],
         ["Hajry Redouane", "Hassan Nader"],
+        test=[
+            "Que dois marroquinos brilharam no ataque do Farense?",
+            "quem eram os avancados de marrocos do farense",
+        ],
     ),
     fact(
         "hajry_redouane",
@@ -799,6 +968,10 @@ FACTS: list[Fact] = [
             "Hajry Redouane, avançado marroquino, destacou-se no Farense nos anos 1990.",
         ],
         ["Hajry Redouane", "avançado marroquino", "anos 1990"],
+        test=[
+            "Fala-me de Hajry Redouane.",
+            "o redouane era avancado?",
+        ],
     ),
     fact(
         "hassan_nader",
@@ -816,6 +989,10 @@ FACTS: list[Fact] = [
             "Hassan Nader, avançado marroquino, destacou-se no Farense nos anos 1990.",
         ],
         ["Hassan Nader", "avançado marroquino", "anos 1990"],
+        test=[
+            "Fala-me de Hassan Nader.",
+            "hassan nader era de que nacionalidade",
+        ],
     ),
     fact(
         "hassan_nader_periodos",
@@ -834,6 +1011,10 @@ FACTS: list[Fact] = [
             "Hassan Nader esteve no Farense em 1992-1995 e, depois, em 1997-2004.",
         ],
         ["1992-1995", "1997-2004"],
+        test=[
+            "Hassan Nader representou o Farense durante que anos?",
+            "quando e que o nader vestiu a camisola do farense",
+        ],
     ),
     fact(
         "peter_rufai",
@@ -853,6 +1034,10 @@ FACTS: list[Fact] = [
             "O guarda-redes nigeriano Peter Rufai jogou no Farense em 1994-1997.",
         ],
         ["Peter Rufai", "guarda-redes nigeriano", "1994-1997"],
+        test=[
+            "Fala-me de Peter Rufai, do Farense.",
+            "De onde era o guarda-redes Peter Rufai?",
+        ],
     ),
     fact(
         "bruno_alves",
@@ -870,6 +1055,10 @@ FACTS: list[Fact] = [
             "Bruno Alves passou pelo Farense em 2002-2003.",
         ],
         ["Bruno Alves", "2002-2003"],
+        test=[
+            "Bruno Alves chegou a vestir a camisola do Farense?",
+            "quando e que o bruno alves jogou pelos leoes de faro",
+        ],
     ),
     fact(
         "jogadores_conhecidos",
@@ -886,6 +1075,10 @@ FACTS: list[Fact] = [
             "Entre os jogadores que passaram pelo Farense estão os avançados marroquinos Hajry Redouane e Hassan Nader, o guarda-redes nigeriano Peter Rufai e Bruno Alves.",
         ],
         ["Hassan Nader", "Peter Rufai", "Bruno Alves"],
+        test=[
+            "Podes dizer-me nomes de jogadores que representaram o Farense?",
+            "quais os craques que passaram pelo farense",
+        ],
     ),
     # ------------------------------------- About the club, but not on the sheet
     unknown(
@@ -898,6 +1091,9 @@ FACTS: list[Fact] = [
             "Quem orienta a equipa do Sporting Clube Farense neste momento?",
             "treinador atual farense",
         ],
+        test=[
+            "Quem está a treinar o Farense hoje em dia?",
+        ],
     ),
     unknown(
         "lotacao_estadio",
@@ -909,6 +1105,9 @@ FACTS: list[Fact] = [
             "Quantos espetadores leva o estádio do Farense?",
             "lotação do são luís",
         ],
+        test=[
+            "Quantos adeptos cabem no Estádio de São Luís?",
+        ],
     ),
     unknown(
         "proximo_jogo",
@@ -919,6 +1118,9 @@ FACTS: list[Fact] = [
             "Qual é o próximo adversário dos Leões de Faro?",
             "O Farense joga em casa no domingo?",
             "calendário do farense",
+        ],
+        test=[
+            "quando joga o farense outra vez",
         ],
     ),
     unknown(
@@ -942,6 +1144,9 @@ FACTS: list[Fact] = [
             "Quem foi o primeiro presidente do Farense?",
             "presidente dos leoes de faro",
         ],
+        test=[
+            "Como se chama o presidente do SC Farense?",
+        ],
     ),
     unknown(
         "classificacao_atual",
@@ -952,6 +1157,9 @@ FACTS: list[Fact] = [
             "Quantos pontos tem o Farense?",
             "O SC Farense está em zona de descida?",
             "Como vai o Farense este ano?",
+        ],
+        test=[
+            "Em que posição vai o Farense neste campeonato?",
         ],
     ),
     unknown(
@@ -975,6 +1183,9 @@ FACTS: list[Fact] = [
             "quem marcou mais golos pelo farense",
             "Qual foi a pior derrota do Sporting Clube Farense?",
         ],
+        test=[
+            "Qual foi o jogo com mais golos da história do Farense?",
+        ],
     ),
     # ----------------------------------------------------------- Off-topic questions
     decline(
@@ -987,6 +1198,9 @@ FACTS: list[Fact] = [
             "Preciso de levar guarda-chuva amanhã?",
             "previsão do tempo para o porto",
         ],
+        test=[
+            "Vai fazer sol em Faro no domingo?",
+        ],
     ),
     decline(
         "receitas",
@@ -997,6 +1211,9 @@ FACTS: list[Fact] = [
             "Quanto tempo demora a cozer um ovo?",
             "como faço pastéis de nata",
             "O que posso fazer para o jantar?",
+        ],
+        test=[
+            "Como se prepara um polvo à lagareiro?",
         ],
     ),
     decline(
@@ -1009,6 +1226,9 @@ FACTS: list[Fact] = [
             "Quem é o treinador do Benfica?",
             "Quantos campeonatos tem o Sporting Clube de Portugal?",
             "Como ficou o Portimonense no fim de semana?",
+        ],
+        test=[
+            "Como está o Olhanense este ano?",
         ],
     ),
     decline(
@@ -1032,6 +1252,9 @@ FACTS: list[Fact] = [
             "Qual é o melhor partido político?",
             "Quem é o presidente da Câmara de Faro?",
         ],
+        test=[
+            "Quem é o Presidente da República?",
+        ],
     ),
     decline(
         "matematica",
@@ -1042,6 +1265,9 @@ FACTS: list[Fact] = [
             "qual é a raiz quadrada de 144",
             "Quanto é 15% de 200?",
             "Como se calcula a área de um círculo?",
+        ],
+        test=[
+            "quanto e 8 mais 35",
         ],
     ),
     decline(
@@ -1064,6 +1290,9 @@ FACTS: list[Fact] = [
             "como vou de lisboa para faro",
             "O que posso visitar no Algarve num fim de semana?",
             "A que horas abre o aeroporto de Faro?",
+        ],
+        test=[
+            "Que monumentos devo ver em Faro?",
         ],
     ),
     decline(
@@ -1103,6 +1332,13 @@ def fold(text: str) -> str:
     return "".join(c for c in decomposed if not unicodedata.combining(c))
 
 
+def loose_key(text: str) -> str:
+    """Stricter key for 'is this the same question?': folded, punctuation dropped,
+    whitespace collapsed, so a variant that only changes case, accents or
+    punctuation counts as the same question."""
+    return " ".join(re.sub(r"[^\w]+", " ", fold(text)).split())
+
+
 def check_facts(facts: list[Fact]) -> None:
     ids = [f.id for f in facts]
     assert len(ids) == len(set(ids)), "duplicate fact id"
@@ -1114,9 +1350,11 @@ def check_facts(facts: list[Fact]) -> None:
         )
         assert 1 <= len(f.answers) <= 2, f"{f.id}: use one or two answer phrasings"
         assert 1 <= len(f.keywords) <= 3, f"{f.id}: use one to three keywords"
-        for q in f.questions:
-            key = norm_question(q)
-            assert key not in owner, f"question {q!r} appears in {owner.get(key)} and {f.id}"
+        # Across all items and all three splits: a test phrasing must be new, not a
+        # train/val question with other case, accents or punctuation.
+        for q in f.questions + f.test:
+            key = loose_key(q)
+            assert key not in owner, f"question {q!r} appears in {owner.get(key)} and {f.id} (folded: {key!r})"
             owner[key] = f.id
         for a in f.answers:
             words = len(a.split())
@@ -1161,6 +1399,13 @@ def pick_val_questions(facts: list[Fact], rng: random.Random) -> set[str]:
     return val
 
 
+def build_test(facts: list[Fact], rng: random.Random) -> list[tuple[Fact, str, str]]:
+    """One row per test phrasing, with one of its item's fixed answers, shuffled."""
+    rows = [(f, q, rng.choice(f.answers)) for f in facts for q in f.test]
+    rng.shuffle(rows)
+    return rows
+
+
 def record(question: str, answer: str, keywords: tuple[str, ...]) -> str:
     return json.dumps(
         {"question": question, "answer": answer, "keywords": list(keywords)},
@@ -1168,7 +1413,14 @@ def record(question: str, answer: str, keywords: tuple[str, ...]) -> str:
     )
 
 
-def main() -> None:
+def write_atomic(path: Path, text: str) -> None:
+    """Write beside the target and rename, so a failed run never leaves half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def main(out_dir: Path = OUT_DIR) -> None:
     check_facts(FACTS)
     rng = random.Random(SEED)
 
@@ -1178,32 +1430,55 @@ def main() -> None:
     train = [r for r in rows if norm_question(r[1]) not in val_questions]
     val = [r for r in rows if norm_question(r[1]) in val_questions]
 
-    # (a) no question in both files
+    # (a) every fact asked in val is also taught in train, in other words
     train_q = {norm_question(q) for _, q, _ in train}
-    val_q = {norm_question(q) for _, q, _ in val}
-    assert not train_q & val_q, "a question appears in both train and val"
-    # (b) every fact asked in val is also taught in train, in other words
     for f in {r[0].id: r[0] for r in val}.values():
         in_train = [q for q in f.questions if norm_question(q) in train_q]
         assert len(in_train) >= MIN_QUESTIONS - 1, f"{f.id}: only {len(in_train)} train phrasings"
-    # (c) sizes
+    # (b) sizes
     total = len(rows)
     assert total >= MIN_TOTAL, f"{total} examples, need at least {MIN_TOTAL}"
     assert len(val) >= MIN_VAL, f"{len(val)} validation examples, need at least {MIN_VAL}"
     assert 0.08 <= len(val) / total <= 0.12, f"val fraction {len(val) / total:.3f}"
     assert len(train) + len(val) == total
 
-    for name, split in (("train.jsonl", train), ("val.jsonl", val)):
+    # Test split: built after train/val from its own stream, so it cannot move them.
+    test = build_test(FACTS, random.Random(TEST_SEED))
+    splits = {"train": train, "val": val, "test": test}
+    # (c) no question in two splits, even after folding case, accents and punctuation
+    keys = {name: {loose_key(q) for _, q, _ in rows} for name, rows in splits.items()}
+    for a, b in (("train", "val"), ("train", "test"), ("val", "test")):
+        shared = keys[a] & keys[b]
+        assert not shared, f"questions in both {a} and {b}: {sorted(shared)[:3]}"
+    # (d) every fact item taught in train is asked in test, in new words
+    train_ids = {f.id for f, _, _ in train}
+    test_ids = {f.id for f, _, _ in test}
+    missing = [f.id for f in FACTS if f.kind == "fact" and f.id in train_ids and f.id not in test_ids]
+    assert not missing, f"fact items with no test phrasing: {missing}"
+    # (e) test asks only facts taught in train: each keyword is in some train answer of the item
+    train_answers: dict[str, list[str]] = {}
+    for f, _, a in train:
+        train_answers.setdefault(f.id, []).append(fold(a))
+    for f in {r[0].id: r[0] for r in test}.values():
+        for k in f.keywords:
+            assert any(fold(k) in a for a in train_answers.get(f.id, [])), f"{f.id}: keyword {k!r} in no train answer"
+    assert MIN_TEST <= len(test) <= MAX_TEST, f"{len(test)} test examples, want {MIN_TEST}-{MAX_TEST}"
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, split in splits.items():
         lines = [record(q, a, f.keywords) for f, q, a in split]
-        (OUT_DIR / name).write_text("\n".join(lines) + "\n", encoding="utf-8")
+        write_atomic(out_dir / f"{name}.jsonl", "\n".join(lines) + "\n")
 
     kinds = {k: sum(f.kind == k for f in FACTS) for k in ("fact", "unknown", "decline")}
     print(
-        f"total={total} train={len(train)} val={len(val)} "
+        f"train={len(train)} val={len(val)} test={len(test)} "
         f"facts={kinds['fact']} unknown={kinds['unknown']} decline={kinds['decline']} "
-        f"val_facts={len({r[0].id for r in val})}"
+        f"val_items={len({r[0].id for r in val})} test_items={len(test_ids)}"
     )
 
 
 if __name__ == "__main__":
-    main()
+    parser = argparse.ArgumentParser(description="Build train.jsonl, val.jsonl and test.jsonl.")
+    parser.add_argument("out_dir", nargs="?", type=Path, default=OUT_DIR,
+                        help="folder to write the three files into (default: this script's folder)")
+    main(parser.parse_args().out_dir)
