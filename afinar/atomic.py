@@ -15,6 +15,14 @@ from pathlib import Path
 from typing import Any, Iterator
 
 
+def refuse_existing(path: str | Path, overwrite: bool, flag: str = "--overwrite") -> None:
+    """The one "already exists" rule: an output is replaced only when the user said so."""
+    from afinar.errors import AfinarError
+
+    if Path(path).exists() and not overwrite:
+        raise AfinarError(f"{path} already exists. Choose another output, or pass {flag} to replace it.")
+
+
 def write_bytes(path: str | Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

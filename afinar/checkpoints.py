@@ -1,6 +1,6 @@
 """Checkpoints inside a run folder, and finding the one to resume from.
 
-  checkpoints/step_0000200/   adapter + optimizer + RNG states (backend) + trainer_state.json (core)
+  checkpoints/step_0000200/   adapter + optimizer (backend), rng_state.pkl (rng.py) + trainer_state.json (core)
   checkpoints/best/           the adapter with the lowest validation loss so far + best.json
 
 Each checkpoint folder is built aside and renamed into place (`atomic.folder`), so a crash
@@ -14,7 +14,7 @@ import re
 import shutil
 from pathlib import Path
 
-from afinar import atomic
+from afinar import atomic, rng
 
 STEP_DIR = re.compile(r"^step_(\d{7})$")
 
@@ -49,7 +49,8 @@ def save(run_tmp: Path, backend, state: dict, keep: int) -> Path:
     """Write checkpoints/step_NNNNNNN/ (backend state, then the core's), keep the newest `keep`."""
     target = folder(run_tmp) / f"step_{state['step']:07d}"
     with atomic.folder(target) as tmp:
-        backend.save_checkpoint(tmp)
+        backend.save_state(tmp)
+        rng.save(tmp, backend.rng_state())
         atomic.write_json(tmp / "trainer_state.json", state)
     for _, old in step_checkpoints(run_tmp)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -19,12 +18,9 @@ from rich.markup import escape
 from rich.table import Table
 
 from afinar.errors import AfinarError
+from afinar.quiet import quiet_environment, quiet_libraries
 
-# Quiet the libraries' own progress bars and advice; afinar prints what matters.
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("TQDM_DISABLE", "1")  # GGUF conversion and weight loading bars; ours are rich
+quiet_environment()  # before any library is imported: their own bars and advice; afinar prints what matters
 
 app = typer.Typer(
     help="afinar: fine-tune an open LLM on your own Q&A data (LoRA / QLoRA), measure it, and answer in JSON.",
@@ -61,20 +57,6 @@ def user_errors(json_errors: bool = False):
         return inner
 
     return wrap
-
-
-def quiet_libraries() -> None:
-    """transformers' own progress bars (GGUF conversion, weight loading) only clutter ours."""
-    import logging as std_logging
-    import warnings
-
-    from transformers.utils import logging
-
-    logging.disable_progress_bar()
-    # bitsandbytes announces an optional hub-downloaded CPU kernel we deliberately do without.
-    std_logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(std_logging.ERROR)
-    # peft still calls a transformers API deprecated for v6; not the user's concern.
-    warnings.filterwarnings("ignore", category=FutureWarning)
 
 
 def resolve_config(config: Path | None, preset: str | None, overrides: list[str] | None, quiet: bool = False):
@@ -141,11 +123,9 @@ def train(
         raise AfinarError("Missing --output RUN: the folder to write the run into.")
     else:
         cfg = resolve_config(config, preset, set_)
-    path = run_training(cfg, output, overwrite, on_event=TrainingDisplay(err_console, cfg.train.log_every),
-                        resume=resume is not None, force=force)
-    metadata = path / "metadata.json"  # on rank 0's node only, under torchrun across nodes
-    stopped = json.loads(metadata.read_text()).get("stopped") if metadata.is_file() else None
-    if stopped and stopped["reason"] == "diverged":
+    result = run_training(cfg, output, overwrite, on_event=TrainingDisplay(err_console, cfg.train.log_every),
+                          resume=resume is not None, force=force)
+    if result.diverged:
         raise typer.Exit(3)
 
 
@@ -237,13 +217,12 @@ def compare(
     """Ask every run the same questions and report them side by side (LoRA vs QLoRA ratios, charts)."""
     import shlex
 
+    from afinar import atomic, report
     from afinar import compare as C
-    from afinar import report
 
     if output is None:
         raise AfinarError("Missing --output DIR: the folder to write the comparison into.")
-    if output.exists() and not overwrite:
-        raise AfinarError(f"Output folder {output} already exists. Choose another --output, or pass --overwrite to replace it.")
+    atomic.refuse_existing(output, overwrite)
     if train_config and runs:
         raise AfinarError("Give run folders to compare, or --train CONFIG to train them, not both.")
     if set_ and not train_config:

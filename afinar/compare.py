@@ -20,9 +20,10 @@ from itertools import combinations
 from pathlib import Path
 from typing import Callable
 
-from afinar import __version__, atomic, evaluate, report
+from afinar import __version__, atomic, evaluate, events, plots, report
 from afinar.config import load_config, preset_names, preset_path
 from afinar.errors import AfinarError
+from afinar import runs as runs_contract
 from afinar.runs import load_run
 
 VARIANTS = (("lora", "none"), ("qlora", "nf4"))  # (run name, model.quantization)
@@ -64,9 +65,7 @@ def train_variants(config: str | Path, overrides: list[str], runs_dir: Path, ove
     # Validate every variant and destination before the first (long) training starts.
     for name, quantization in variants:
         load_config(config, [*overrides, f"model.quantization={quantization}"])
-        out = runs_dir / name
-        if out.exists() and not overwrite:
-            raise AfinarError(f"{out} already exists: pass --overwrite to retrain it, or --runs-dir DIR for new runs.")
+        atomic.refuse_existing(runs_dir / name, overwrite)
     runs = []
     for name, quantization in variants:
         out = runs_dir / name
@@ -111,15 +110,13 @@ def compare_runs(runs: list[str | Path], output: str | Path, prompts: str | Path
     if len(runs) < 2:
         raise AfinarError(f"Give at least two runs to compare (got {len(runs)}), or --train CONFIG to train them.")
     output = Path(output)
-    if output.exists() and not overwrite:
-        raise AfinarError(f"Output folder {output} already exists. Choose another --output, or pass --overwrite to replace it.")
+    atomic.refuse_existing(output, overwrite)
     loaded = [load_run(r) for r in runs]  # every run is complete before anything is evaluated
     prompts = Path(prompts) if prompts else None
     if prompts is None:
-        val = loaded[0][0].data.val
-        if not val:
+        prompts = evaluate.run_data_file(runs[0], *loaded[0], "val")
+        if prompts is None:
             raise AfinarError(f"{runs[0]} has no validation file to ask from: pass --prompts FILE.")
-        prompts = Path(val)
     evaluate.read_questions(prompts)  # a bad prompts file fails here, once, not in every sub-process
     names = run_names(runs)
     evals = []
@@ -129,25 +126,12 @@ def compare_runs(runs: list[str | Path], output: str | Path, prompts: str | Path
             evals.append(evaluate_in_process(run, prompts, Path(scratch) / f"{name}.json", max_tokens, latency_samples,
                                              batch_size, echo))
     results = build_results(names, runs, loaded, evals, prompts, max_tokens, latency_samples, command)
-    histories = {name: read_metrics(run) for name, run in zip(names, runs)}
+    histories = {name: events.read_metrics(run / runs_contract.METRICS) for name, run in zip(names, runs)}
     with atomic.folder(output) as tmp:
         atomic.write_json(tmp / "comparison_results.json", results)
-        report.write_charts(results, histories, tmp)
+        plots.comparison_charts(results, histories, tmp)
         atomic.write_text(tmp / "comparison.md", report.comparison_markdown(results))
     return results
-
-
-def read_metrics(run: Path) -> list[dict]:
-    path = run / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            records.append(json.loads(line))
-        except ValueError:
-            break
-    return records
 
 
 def build_results(names: list[str], runs: list[Path], loaded: list[tuple], evals: list[dict], prompts: Path,

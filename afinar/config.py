@@ -51,6 +51,10 @@ class LoraConfig(_Section):
     )
 
 
+FastPaths = Literal["auto", "off"]
+TRAIN_LEVERS = ("autocast", "fused_norms", "fused_lora")  # what train.fast_paths=auto turns on, on CUDA
+
+
 class TrainConfig(_Section):
     batch_size: int = Field(2, ge=1, description="Examples per micro-batch.")
     grad_accumulation: int = Field(4, ge=1, description="Micro-batches per optimizer step.")
@@ -82,11 +86,29 @@ class TrainConfig(_Section):
     divergence_factor: float = Field(
         5.0, ge=0, description="Stop when the smoothed loss exceeds this many times its running minimum (0 = only NaN/inf)."
     )
+    fast_paths: FastPaths | list[Literal["autocast", "fused_norms", "fused_lora"]] = Field(
+        "auto", description="CUDA training speed-ups, each checked equal to the plain path by the tests: 'auto' = all "
+        f"of {', '.join(TRAIN_LEVERS)} on CUDA (none elsewhere), 'off' = plain PEFT/transformers, or a list of levers."
+    )
+
+    def levers(self, device_type: str) -> frozenset[str]:
+        """The speed-ups in force on `device_type` ('cuda', 'cpu', 'mps'); they exist on CUDA only."""
+        if device_type != "cuda" or self.fast_paths == "off":
+            return frozenset()
+        return frozenset(TRAIN_LEVERS if self.fast_paths == "auto" else self.fast_paths)
 
 
 class DataConfig(_Section):
-    train: str = Field("data/farense/train.jsonl", description="Training JSONL file.")
-    val: str | None = Field("data/farense/val.jsonl", description="Validation JSONL file (null = none).")
+    # No default file: a config that forgets its data must not silently train on the demo data.
+    train: str | None = Field(
+        None, description="Training data file. 'bundled:farense/train.jsonl' names afinar's bundled sample data "
+        "(the cpu preset uses it); any other value is a path."
+    )
+    val: str | None = Field(None, description="Validation file: loss during training, best checkpoint, early stopping (null = none).")
+    test: str | None = Field(
+        None, description="Held-out test file, never used during training or to choose settings: "
+        "`afinar eval` and `afinar demo` report it apart from validation (null = none)."
+    )
     train_on_prompt: bool = Field(False, description="Also compute the loss on prompt tokens (default: answers only).")
     system_prompt: str | None = Field(
         None, description="System message added to every chat example and every question at inference."
@@ -102,6 +124,10 @@ class ServeConfig(_Section):
     request_timeout_s: float = Field(120.0, gt=0, description="A request not finished after this long ends (503 'timeout').")
     max_tokens: int = Field(512, ge=1, description="Cap on a request's max_tokens (also the default when it gives none).")
     max_body_kb: int = Field(256, ge=1, description="Largest request body accepted, in KiB (413 beyond).")
+    fast_paths: FastPaths = Field(
+        "auto", description="'auto': the static-cache CUDA-graph decoder for supported models on CUDA; 'off': the "
+        "model's own forward (transformers generate) everywhere."
+    )
 
 
 class DistributedConfig(_Section):
@@ -180,7 +206,7 @@ def _format_errors(err: ValidationError, raw: dict, source: str) -> str:
         value = _lookup(raw, e["loc"])
         if e["type"] == "extra_forbidden":
             hint = closest_key(key)
-            fix = f"did you mean '{hint}'?" if hint else "see `afinar train --help-config` for valid keys"
+            fix = f"did you mean '{hint}'?" if hint else "see `afinar config --reference` for every valid key"
             lines.append(f"  - unknown key '{key}' (value {value!r}): {fix}")
         elif key:
             lines.append(f"  - {key} = {value!r}: {e['msg']}")

@@ -8,9 +8,33 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
 
 from afinar.errors import AfinarError
 from afinar.jsonl import SHAPES, Example, normalise, read_jsonl, split_file  # noqa: F401  (the data API)
+
+IGNORE = -100  # the label of a position that is not a training target (PyTorch / HF convention)
+BUNDLED = "bundled:"  # data.train: bundled:farense/train.jsonl names a file shipped inside afinar
+BUNDLED_DIR = Path(__file__).parent / "bundled"
+
+
+def resolve_path(value: str | Path) -> Path:
+    """The file a `data.*` setting names: `bundled:NAME` inside the package, anything else a path."""
+    text = str(value)
+    if not text.startswith(BUNDLED):
+        return Path(text).expanduser()
+    path = BUNDLED_DIR / text[len(BUNDLED):]
+    if not path.is_file():
+        known = sorted(f"{BUNDLED}{p.relative_to(BUNDLED_DIR)}" for p in BUNDLED_DIR.rglob("*.jsonl"))
+        raise AfinarError(f"{text!r}: no such bundled file. Bundled data: {', '.join(known) or 'none installed'}.")
+    return path
+
+
+def read_setting(value: str | Path) -> list[Example]:
+    """Read the examples of a `data.train` / `data.val` / `data.test` setting."""
+    return read_jsonl(resolve_path(value))
 
 
 # ---------------------------------------------------------------- tokenization
@@ -128,6 +152,43 @@ def prompt_ids(tokenizer, question: str | list[dict], system_prompt: str | None 
 
 
 # ---------------------------------------------------------------- batching
+
+
+@dataclass
+class Padded:
+    """A micro-batch as right-padded arrays, for any framework.
+
+    `ids` and `attention` are (rows, width); `targets` holds each token where it is a training
+    target and IGNORE elsewhere (padding included): HF's `labels=`. `positions` are the flat
+    indices (row * width + t) of the positions that predict a target, and `labels` those
+    targets: position t predicts token t + 1.
+    """
+
+    ids: np.ndarray
+    attention: np.ndarray
+    targets: np.ndarray
+    positions: np.ndarray
+    labels: np.ndarray
+
+
+def pad_batch(batch: list[Encoded], pad_id: int) -> Padded:
+    width = max(len(e.input_ids) for e in batch)
+    ids = np.full((len(batch), width), pad_id, dtype=np.int64)
+    attention = np.zeros((len(batch), width), dtype=np.int64)
+    targets = np.full((len(batch), width), IGNORE, dtype=np.int64)
+    for row, e in enumerate(batch):
+        n = len(e.input_ids)
+        ids[row, :n] = e.input_ids
+        attention[row, :n] = 1
+        targets[row, :n] = np.where(np.asarray(e.loss_mask, dtype=bool), ids[row, :n], IGNORE)
+    keep = targets[:, 1:] != IGNORE
+    rows, cols = np.nonzero(keep)
+    return Padded(ids, attention, targets, rows * width + cols, targets[:, 1:][keep])
+
+
+def pad_id(tokenizer) -> int:
+    """The padding id: the tokenizer's own, or EOS (right padding is never attended to)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
 def batch_order(lengths: list[int], batch_size: int, seed: int, epoch: int, group_by_length: bool,

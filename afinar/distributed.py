@@ -10,17 +10,19 @@ so each knows the whole optimizer step; `shard` hands it its share. The loss of 
 sum over all its answer tokens divided by the step's global target count (known to every
 process without communication), and the backend sums the gradients across processes, so N
 processes compute the step a single process computes with the same global batch.
-Only rank 0 writes the run folder; the others hold a `FollowerWriter`.
+Which process writes the run folder is the caller's decision (the trainer: rank 0 only).
+
+Communication is one small object, a `Collective`, that the backend provides: one process has
+`SINGLE_PROCESS`, whose sums are the values themselves.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Mapping, TypeVar
+from typing import Mapping, Protocol, TypeVar
 
 from afinar.errors import AfinarError
-from afinar.runs import RunWriter
 
 T = TypeVar("T")
 
@@ -76,21 +78,16 @@ def shard(micro_batches: list[list[T]], world: World) -> list[list[T]]:
     return [mb[world.rank :: world.size] for mb in micro_batches]
 
 
-class FollowerWriter(RunWriter):
-    """What processes other than rank 0 hold instead of a RunWriter: they read the run (to
-    resume from its checkpoint) and write nothing."""
+class Collective(Protocol):
+    """What the core asks of the processes together (the backend implements it for its framework)."""
 
-    def truncate(self, step: int) -> None:
-        pass
+    def all_sum(self, values: list[float]) -> list[float]:
+        """`values` summed element-wise over every process of the job (every process gets the sums)."""
 
-    def log(self, record: dict) -> None:
-        self.history.append(record)
 
-    def write_state(self, state: dict) -> None:
-        pass
+class _SingleProcess:
+    def all_sum(self, values: list[float]) -> list[float]:
+        return list(values)
 
-    def finish(self, cfg, metadata: dict, state: dict):
-        return self.output
 
-    def abandon(self) -> None:
-        pass
+SINGLE_PROCESS: Collective = _SingleProcess()

@@ -7,10 +7,14 @@ Answer quality needs no model of its own:
 - chrF (sacrebleu) of the answers against the reference answers;
 - the share of empty answers, and of answers cut by `max_tokens` before the model ended them.
 
-Validation loss goes through the very encoding and loss of training (`data.encode` with the
-run's settings, `train.validation_loss`, the backend's `eval_loss`), so it is comparable
+Validation loss goes through the very encoding and loss of training (`schedule.encode_all` with
+the run's settings, `schedule.validation_loss`, the backend's `eval_loss`), so it is comparable
 with the `val_loss` in the run's metrics. Latency is measured one question at a time, as a
 user asking sees it; quality on batched greedy answers.
+
+Without `--data`, a run is scored on its validation file and, apart, on its held-out test file
+(`data.test`): the validation file took part in training (best checkpoint, early stopping) and
+possibly in choosing settings; only the test figures are untouched by both.
 """
 
 from __future__ import annotations
@@ -22,9 +26,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
-from afinar import data
+from afinar import data, schedule
 from afinar.data import Example
 from afinar.errors import AfinarError
+from afinar.stats import percentile
 
 # ---------------------------------------------------------------- answer quality
 
@@ -96,27 +101,13 @@ def answer_quality(examples: list[Example], answers: list[dict], max_tokens: int
 
 def validation(predictor, examples: list[Example]) -> dict | None:
     """Loss per answer token and perplexity, encoded exactly as the run was trained."""
-    from afinar.train import validation_loss
-
     cfg = predictor.cfg
-    encoded = [data.encode(ex, predictor.tokenizer, cfg.train.max_seq_length, cfg.data.train_on_prompt,
-                           cfg.data.system_prompt) for ex in examples]
-    kept = [e for e in encoded if e.n_targets > 0]
-    loss = validation_loss(predictor.backend, kept, max(cfg.train.batch_size, 8))
+    kept = [e for e in schedule.encode_all(cfg, predictor.tokenizer, examples) if e.n_targets > 0]
+    loss = schedule.validation_loss(predictor.backend, kept, schedule.eval_batch_size(cfg))
     if loss is None:
         return None
     return {"loss": round(loss, 5), "perplexity": round(math.exp(min(loss, 700)), 4), "examples": len(kept),
             "target_tokens": sum(e.n_targets for e in kept)}
-
-
-def percentile(values: list[float], q: float) -> float | None:
-    """Linear-interpolated percentile (q in 0-100), as numpy's default."""
-    if not values:
-        return None
-    s = sorted(values)
-    pos = (len(s) - 1) * q / 100
-    lo, hi = math.floor(pos), math.ceil(pos)
-    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
 
 
 def speed(predictor, questions: list[str], max_tokens: int) -> dict:
@@ -154,68 +145,101 @@ def read_questions(path: str | Path) -> list[Example]:
     return data.read_jsonl(path)
 
 
+def run_data_file(run: str | Path, cfg, metadata: dict, split: str) -> Path | None:
+    """The run's `data.<split>` file: where metadata.json recorded it (absolute), else the setting itself."""
+    recorded = ((metadata.get("data") or {}).get(split) or {}).get("path")
+    if recorded and Path(recorded).is_file():
+        return Path(recorded)
+    value = getattr(cfg.data, split)
+    if not value:
+        return None
+    path = data.resolve_path(value)
+    if not path.is_file():
+        raise AfinarError(f"The {split} file of {run} is not found: {value} (relative paths are from the current "
+                          "folder). Pass --data FILE, or run from the folder the run was trained in.")
+    return path
+
+
+def score_file(predictor, path: Path, batch_size: int, max_tokens: int,
+               say: Callable[[str], None]) -> tuple[dict, float | None]:
+    """(loss, answer quality and every answer of one data file; batched generation tokens/s)."""
+    examples = read_questions(path)
+    asked = [ex for ex in examples if ex.question]
+    scored = [ex for ex in examples if ex.messages is None or reference(ex) is not None]  # text, or with an answer
+    say(f"{path.name}: loss on {len(scored)} examples")
+    loss = validation(predictor, scored) if scored else None
+    say(f"{path.name}: answering {len(asked)} questions")
+    started = time.perf_counter()
+    answers = answer_all(predictor, [ex.question for ex in asked], batch_size, max_tokens,
+                         lambda done, total: say(f"{path.name}: answered {done}/{total}"))
+    seconds = time.perf_counter() - started
+    rate = round(sum(a["completion_tokens"] for a in answers) / seconds, 1) if seconds > 0 else None
+    return {
+        "data": str(path),
+        "examples": len(examples),
+        "validation": loss,
+        "quality": answer_quality(asked, answers, max_tokens),
+        "answers": [{"question": ex.question, "reference": reference(ex),
+                     "keywords": ex.keywords, "answer": a["answer"], "completion_tokens": a["completion_tokens"],
+                     "recalled": recalls(a["answer"], ex.keywords) if ex.keywords else None,
+                     "chrf": round(chrf(a["answer"], reference(ex)), 2) if reference(ex) else None}
+                    for ex, a in zip(asked, answers)],
+    }, rate
+
+
 def evaluate_run(run: str | Path, data_file: str | Path | None = None, max_tokens: int = 128,
                  batch_size: int = 16, latency_samples: int = 10,
                  on_progress: Callable[[str], None] | None = None) -> dict:
     """Every measure of one run on `data_file` (default: the run's validation file), as a dict.
 
+    Without `data_file`, the run's held-out test file (if it has one) is scored too, under "test".
     Memory is the backend's own measure (device memory on a GPU, process RSS on CPU): before
     loading, once the model is loaded for answering, and the peak of the whole evaluation.
     Run one evaluation per process for a meaningful peak (`afinar compare` does).
     """
-    from afinar.backends import get_backend
+    from afinar.backends import answering_backend
     from afinar.inference import Predictor
     from afinar.runs import load_run
 
     say = on_progress or (lambda msg: None)
     cfg, metadata = load_run(run)
-    data_file = data_file or cfg.data.val
-    if not data_file:
-        raise AfinarError(f"{run} was trained without a validation file: pass --data FILE (JSONL with questions and answers).")
-    if not Path(data_file).is_file():
-        raise AfinarError(f"Evaluation data not found: {data_file} (relative paths are from the current folder). "
-                          "Pass --data FILE, or run from the folder the run was trained in.")
-    examples = read_questions(data_file)
-    asked = [ex for ex in examples if ex.question]
-    before = get_backend(cfg).memory()["memory_mb"]
+    if data_file is not None:
+        main, test = Path(data_file), None
+        if not main.is_file() and main.suffix != ".txt":
+            raise AfinarError(f"Evaluation data not found: {data_file}. Pass --data FILE (JSONL, or .txt questions).")
+    else:
+        main, test = run_data_file(run, cfg, metadata, "val"), run_data_file(run, cfg, metadata, "test")
+        if main is None:
+            raise AfinarError(f"{run} was trained without a validation file: pass --data FILE (JSONL with questions "
+                              "and answers).")
+    before = answering_backend(cfg).memory()["memory_mb"]
     say(f"loading {cfg.model.base} + adapter {run}")
     predictor = Predictor(run)
     loaded = predictor.backend.memory()["memory_mb"]
-
-    scored = [ex for ex in examples if ex.messages is None or reference(ex) is not None]  # text, or with an answer
-    say(f"validation loss on {len(scored)} examples")
-    val = validation(predictor, scored) if scored else None
-    say(f"answering {len(asked)} questions")
-    started = time.perf_counter()
-    answers = answer_all(predictor, [ex.question for ex in asked], batch_size, max_tokens,
-                         lambda done, total: say(f"answered {done}/{total}"))
-    batch_s = time.perf_counter() - started
-    say(f"latency on {min(latency_samples, len(asked))} single questions")
-    timing = speed(predictor, [ex.question for ex in asked[:latency_samples]], max_tokens)
-    timing["batched_tokens_per_s"] = round(sum(a["completion_tokens"] for a in answers) / batch_s, 1) if batch_s > 0 else None
-    timing["batch_size"] = batch_size
+    primary, batched_rate = score_file(predictor, main, batch_size, max_tokens, say)
+    held_out = score_file(predictor, test, batch_size, max_tokens, say)[0] if test is not None else None
+    questions = [a["question"] for a in primary["answers"]]
+    say(f"latency on {min(latency_samples, len(questions))} single questions")
+    timing = {**speed(predictor, questions[:latency_samples], max_tokens), "batched_tokens_per_s": batched_rate,
+              "batch_size": batch_size}
     memory = predictor.backend.memory()
     return {
         "run": str(run),
-        "data": str(data_file),
+        **{k: primary[k] for k in ("data", "examples")},
         "base_model": cfg.model.base,
         "method": cfg.method,
         "quantization": cfg.model.quantization,
-        "examples": len(examples),
         "max_tokens": max_tokens,
-        "validation": val,
-        "quality": answer_quality(asked, answers, max_tokens),
+        "validation": primary["validation"],
+        "quality": primary["quality"],
+        "test": held_out,
         "speed": timing,
         "memory": {"before_load_mb": round(before, 1), "loaded_mb": round(loaded, 1),
                    "model_mb": round(loaded - before, 1), "peak_mb": round(memory["peak_memory_mb"], 1)},
         "device": predictor.backend.describe(),
         "training": {k: metadata.get(k) for k in ("steps", "train_time_s", "tokens_per_s", "peak_memory_mb", "best_val_loss")},
         "evaluated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "answers": [{"question": ex.question, "reference": reference(ex),
-                     "keywords": ex.keywords, "answer": a["answer"], "completion_tokens": a["completion_tokens"],
-                     "recalled": recalls(a["answer"], ex.keywords) if ex.keywords else None,
-                     "chrf": round(chrf(a["answer"], reference(ex)), 2) if reference(ex) else None}
-                    for ex, a in zip(asked, answers)],
+        "answers": primary["answers"],
     }
 
 

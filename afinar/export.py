@@ -14,11 +14,6 @@ from afinar import adapters, atomic, models
 from afinar.errors import AfinarError
 
 
-def _fresh(output: Path, overwrite: bool) -> None:
-    if output.exists() and not overwrite:
-        raise AfinarError(f"Output folder {output} already exists. Choose another output, or pass --overwrite.")
-
-
 def adapter_source(source: Path, fmt: str) -> Path:
     """The folder under `source` (a run or an adapter folder) that holds the adapter in `fmt`."""
     if (source / "training_config.json").is_file() and fmt == "mlx":
@@ -35,7 +30,7 @@ def export_adapter(source: str | Path, to: str, output: str | Path | None = None
         raise AfinarError(f"--to {to!r}: choose 'peft' or 'mlx'.")
     fmt = adapters.detect_format(source)
     output = Path(output) if output else source.with_name(f"{source.name}-{to}")
-    _fresh(output, overwrite)
+    atomic.refuse_existing(output, overwrite)
     if fmt == to:  # already in that format (a run holds both): copy the files
         src = adapter_source(source, to)
         names = (adapters.PEFT_WEIGHTS, adapters.PEFT_CONFIG) if to == "peft" else (adapters.MLX_WEIGHTS, adapters.MLX_CONFIG)
@@ -50,16 +45,16 @@ def export_adapter(source: str | Path, to: str, output: str | Path | None = None
 
 def export_merged(run: str | Path, output: str | Path, overwrite: bool = False, backend: str | None = None) -> Path:
     """Merge a run's adapter into its base (dequantized) and save a plain HF model folder."""
-    from afinar.backends import get_backend
+    from afinar.backends import answering_backend
     from afinar.runs import load_run
 
     run, output = Path(run), Path(output)
     cfg, metadata = load_run(run)
     if backend:
         cfg.backend = backend
-    _fresh(output, overwrite)
-    engine = get_backend(cfg)
-    tokenizer = engine.load(models.resolve(cfg.model.base), adapter_dir=run, trainable=False)
+    atomic.refuse_existing(output, overwrite)
+    engine = answering_backend(cfg)
+    tokenizer = engine.load(models.resolve(cfg.model.base), run)
     with atomic.folder(output) as tmp:
         engine.save_merged(tmp)
         tokenizer.save_pretrained(str(tmp))

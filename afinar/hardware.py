@@ -82,16 +82,26 @@ def pick_preset(hw: Hardware) -> tuple[str, str]:
 
 
 def process_memory_mb() -> tuple[float, float]:
-    """(current, peak) resident memory of this process in MiB: the CPU's 'device memory'."""
+    """(current, peak) resident memory of this process in MiB: the CPU's 'device memory'.
+
+    On Linux both come from /proc/self/status (VmRSS, VmHWM): the peak of this process's own memory.
+    `getrusage`'s ru_maxrss is not used there because Linux carries it over from the parent across
+    fork and exec: a process started by a large one (afinar compare's sub-processes, a test runner)
+    would report the parent's size as its own peak.
+    """
     import resource
     import sys
 
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    peak_mb = peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
+    fields = {}
     try:
-        with open("/proc/self/statm") as f:
-            current_mb = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(("VmRSS:", "VmHWM:")):
+                    fields[line.split(":")[0]] = int(line.split()[1]) / 1024  # kB
     except OSError:
-        current_mb = peak_mb
-    # ru_maxrss is updated lazily by the kernel: never report a peak below the present.
-    return current_mb, max(peak_mb, current_mb)
+        pass
+    if len(fields) == 2:
+        return fields["VmRSS"], max(fields["VmHWM"], fields["VmRSS"])
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak_mb = peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB elsewhere
+    return peak_mb, peak_mb

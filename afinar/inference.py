@@ -7,19 +7,25 @@ import time
 from pathlib import Path
 
 from afinar import data, models
-from afinar.backends import get_backend
+from afinar.backends import answering_backend
+from afinar.config import ServeConfig
 from afinar.runs import load_run
 
 
 class Predictor:
-    """Loads a run's base model and adapter once; `ask()` returns the JSON-ready answer dict."""
+    """Loads a run's base model and adapter once; `ask()` returns the JSON-ready answer dict.
 
-    def __init__(self, run: str | Path):
+    `serve`: serving settings other than the run's own (`afinar serve --set serve.*`).
+    """
+
+    def __init__(self, run: str | Path, serve: ServeConfig | None = None):
         self.run = Path(run)
         self.cfg, self.metadata = load_run(self.run)
-        self.backend = get_backend(self.cfg)
+        if serve is not None:
+            self.cfg = self.cfg.model_copy(update={"serve": serve})
+        self.backend = answering_backend(self.cfg)
         self.resolved = models.resolve(self.cfg.model.base)
-        self.tokenizer = self.backend.load(self.resolved, adapter_dir=self.run, trainable=False)
+        self.tokenizer = self.backend.load(self.resolved, self.run)
 
     @functools.cached_property
     def context_length(self) -> int | None:

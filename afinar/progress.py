@@ -1,4 +1,4 @@
-"""Turns the training loop's metric records into a live progress bar (or log lines when piped)."""
+"""Turns the trainer's events (events.py) into a live progress bar, or log lines when piped."""
 
 from __future__ import annotations
 
@@ -6,9 +6,11 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from afinar import events
+
 
 class TrainingDisplay:
-    """`on_event` for `run_training`: a rich bar on a terminal, one line per `log_every` steps otherwise."""
+    """`on_event` for the trainer: a rich bar on a terminal, one line per `log_every` steps otherwise."""
 
     def __init__(self, console: Console | None = None, log_every: int = 10):
         self.console = console or Console(stderr=True)
@@ -17,55 +19,75 @@ class TrainingDisplay:
         self.task = None
         self.total = 0
 
-    def __call__(self, r: dict) -> None:
-        event = r.get("event")
-        if event == "start":
-            self._start(r)
-        elif event == "done":
+    def __call__(self, e: events.Event) -> None:
+        if isinstance(e, events.Start):
+            self._start(e)
+        elif isinstance(e, events.Step):
+            self._step(e)
+        elif isinstance(e, events.Eval):
+            self._print(f"  step {e.step:>5}  validation loss {e.val_loss:.4f}  (best {e.best_val_loss:.4f})")
+        elif isinstance(e, events.Status):
+            self._status(e)
+        elif isinstance(e, events.Checkpoint):
+            what = "best adapter" if e.best else "checkpoint"
+            self._print(f"  step {e.step:>5}  {what} saved ({e.seconds:.1f} s)", dim=True)
+        elif isinstance(e, events.OutOfMemory):
+            self._print(f"[yellow]Out of memory at step {e.step}: retrying with micro-batch {e.micro_batch} "
+                        f"x accumulation {e.grad_accumulation} (same effective batch).[/]", markup=True)
+        elif isinstance(e, events.Stopped):
+            self._stop()
+            self.console.print(f"[yellow]{escape(e.message)}[/] The run keeps the best validation checkpoint.")
+        elif isinstance(e, events.Crashed):
+            self._stop()
+            self.console.print(f"[yellow]Training stopped; its checkpoints are kept. Continue with: {escape(e.resume)}[/]")
+        elif isinstance(e, events.Done):
             self._stop()
             self.console.print(
-                f"[green]Run written to {escape(r['output'])}[/] in {r['train_time_s']:.0f} s of training "
-                f"({r['tokens_per_s']:.0f} tokens/s); final validation loss {r['final_val_loss']}"
-            )
-        elif event == "out_of_memory":
-            self.console.print(f"[yellow]Out of memory at step {r['step']}: retrying with micro-batch {r['micro_batch']} "
-                               f"x accumulation {r['grad_accumulation']} (same effective batch).[/]")
-        elif event == "stopped":
-            self._stop()
-            self.console.print(f"[yellow]{escape(r['message'])}[/] The run keeps the best validation checkpoint.")
-        elif event == "crashed":
-            self._stop()
-            self.console.print(f"[yellow]Training stopped; its checkpoints are kept. Continue with: {escape(r['resume'])}[/]")
-        elif "val_loss" in r:
-            self.console.print(f"  step {r['step']:>5}  validation loss {r['val_loss']:.4f}  (best {r['best_val_loss']:.4f})")
-        elif "loss" in r:
-            self._step(r)
+                f"[green]Run written to {escape(e.output)}[/] in {e.train_time_s:.0f} s of training "
+                f"({e.tokens_per_s:.0f} tokens/s); final validation loss {e.final_val_loss}")
 
-    def _start(self, r: dict) -> None:
-        dev = r["device"]
-        self.total = r["total_steps"]
+    def _print(self, text: str, markup: bool = False, dim: bool = False) -> None:
+        text = text if markup else escape(text)
+        self.console.print(f"[dim]{text}[/]" if dim else text, highlight=False)
+
+    def _status(self, e: events.Status) -> None:
+        """A slow stage: say it starts (on a terminal the bar shows it), and how long it took."""
+        if not e.done:
+            if self.progress is not None:
+                self.progress.update(self.task, stats=f"{e.stage}...")
+            return
+        if e.seconds is not None and e.seconds >= 2:
+            self._print(f"  {e.stage} took {e.seconds:.1f} s", dim=True)
+
+    def _start(self, e: events.Start) -> None:
+        dev = e.device
+        self.total = e.total_steps
         self.console.print(
             f"Training on {dev['device']} ({dev['compute_dtype']}, {dev.get('trainable_parameters', 0):,} trainable parameters): "
-            f"{r['train_examples']} examples, {r['val_examples']} validation, {self.total} steps"
-            + (f", {r['truncated']} truncated" if r["truncated"] else "")
-            + (f", {r['dropped']} dropped (no answer token left)" if r["dropped"] else "")
-            + (f"; resuming after step {r['resumed_from']}" if r.get("resumed_from") else "")
+            f"{e.train_examples} examples, {e.val_examples} validation, {self.total} steps"
+            + (f", {e.truncated} truncated" if e.truncated else "")
+            + (f", {e.dropped} dropped (no answer token left)" if e.dropped else "")
+            + (f"; resuming after step {e.resumed_from}" if e.resumed_from else ""), highlight=False
         )
+        if e.trainable_by_kind:
+            kinds = ", ".join(f"{k} {v:,}" for k, v in sorted(e.trainable_by_kind.items()))
+            self.console.print(f"LoRA parameters by layer: {kinds}", highlight=False)
         if dev.get("quantization", "none") != "none":
-            self.console.print(f"Quantization: {dev['quantization']}")
-        m = r["memory_estimate_mb"]
+            self.console.print(f"Quantization: {dev['quantization']}", highlight=False)
+        m = e.memory_estimate_mb
         self.console.print(
             f"Estimated memory per step: {m['total']:,.0f} MiB (weights {m['weights']:,.0f}, LoRA {m['lora']:,.0f}, "
-            f"optimizer {m['optimizer']:,.0f}, activations {m['activations']:,.0f}); available {m['available']:,.0f} MiB."
+            f"framework {m['framework']:,.0f}, optimizer {m['optimizer']:,.0f}, activations {m['activations']:,.0f}); "
+            f"available {m['available']:,.0f} MiB.", highlight=False
         )
         if m["total"] > m["available"]:
             self.console.print(
                 "[yellow]Warning: this setting will likely not fit. Lower train.batch_size or train.max_seq_length, "
                 "or set train.gradient_checkpointing=true (afinar also halves the micro-batch by itself on out-of-memory).[/]"
             )
-        if r["warmup_steps"] >= self.total:
+        if e.warmup_steps >= self.total:
             self.console.print(
-                f"[yellow]Note: train.warmup_steps={r['warmup_steps']} >= {self.total} total steps: "
+                f"[yellow]Note: train.warmup_steps={e.warmup_steps} >= {self.total} total steps: "
                 "the learning rate never reaches its peak.[/]"
             )
         if self.console.is_terminal:
@@ -76,13 +98,13 @@ class TrainingDisplay:
             self.task = self.progress.add_task("train", total=self.total, stats="")
             self.progress.start()
 
-    def _step(self, r: dict) -> None:
-        stats = (f"loss {r['loss']:.4f}  lr {r['lr']:.2e}  {r['tokens_per_s']:.0f} tok/s  "
-                 f"mem {r['memory_mb']:.0f} MB (peak {r['peak_memory_mb']:.0f})")
+    def _step(self, e: events.Step) -> None:
+        stats = (f"loss {e.loss:.4f}  lr {e.lr:.2e}  {e.tokens_per_s:.0f} tok/s  "
+                 f"mem {e.memory_mb:.0f} MB (peak {e.peak_memory_mb:.0f})")
         if self.progress is not None:
-            self.progress.update(self.task, completed=r["step"], stats=stats)
-        elif r["step"] % self.log_every == 0 or r["step"] in (1, self.total):
-            self.console.print(f"  step {r['step']:>5}/{self.total}  {stats}")
+            self.progress.update(self.task, completed=e.step, stats=stats)
+        elif e.step % self.log_every == 0 or e.step in (1, self.total):
+            self.console.print(f"  step {e.step:>5}/{self.total}  {stats}", highlight=False)
 
     def _stop(self) -> None:
         if self.progress is not None:

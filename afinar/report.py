@@ -6,9 +6,6 @@ report (and `docs/LORA_VS_QLORA.md`, via `scripts/docs.py`) can be rebuilt from 
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 # (label, dotted path in a run entry, unit/format, better: "lower" | "higher" | "")
 METRICS = [
     ("Training peak memory (MiB)", "memory.training_peak_mb", "{:,.0f}", "lower"),
@@ -69,15 +66,25 @@ def ratios(entries: list[dict]) -> dict | None:
     return {"lora": lora["name"], "qlora": qlora["name"], "metrics": rows}
 
 
+def recall_text(q: dict) -> str:
+    return "n/a" if q["fact_recall"] is None else f"{q['hits']}/{q['scored']} = {q['fact_recall']:.1%}"
+
+
 def eval_rows(result: dict) -> list[tuple[str, str]]:
     """(label, value) rows of one `afinar eval` result, for its table."""
     v, q, s, m = result["validation"] or {}, result["quality"], result["speed"], result["memory"]
-    recall = "n/a" if q["fact_recall"] is None else f"{q['hits']}/{q['scored']} = {q['fact_recall']:.1%}"
+    test = result.get("test")
+    held_out = [] if not test else [
+        ("Test loss (held out)", fmt((test["validation"] or {}).get("loss"), "{:.4f}")),
+        ("Test fact recall (held out)", recall_text(test["quality"])),
+        ("Test chrF", fmt(test["quality"]["chrf"], "{:.1f}")),
+    ]
     return [
         ("Validation loss (per answer token)", fmt(v.get("loss"), "{:.4f}")),
         ("Perplexity", fmt(v.get("perplexity"), "{:.3f}")),
-        ("Fact recall", recall),
+        ("Fact recall", recall_text(q)),
         ("chrF vs reference", fmt(q["chrf"], "{:.1f}")),
+        *held_out,
         ("Empty answers", fmt(q["empty_share"], "{:.1%}")),
         (f"Truncated answers (at {result['max_tokens']} tokens)", fmt(q["truncated_share"], "{:.1%}")),
         (f"Latency p50 / p95 (ms, {s['questions']} single questions)",
@@ -183,61 +190,3 @@ def comparison_markdown(results: dict, answers_shown: int | None = None) -> str:
                                         *(cell(q["answers"][n]) + marks[n] for n in names)]) + " |")
     parts += ["", "✓ / ✗: the answer holds every keyword of the reference, or not (fact recall).", ""]
     return "\n".join(parts)
-
-
-# ---------------------------------------------------------------- charts
-
-
-def write_charts(results: dict, histories: dict[str, list[dict]], folder: Path) -> None:
-    """loss.png (curves overlaid), speed.png and memory.png (bars per run)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    for i, (name, history) in enumerate(histories.items()):
-        color = f"C{i}"
-        train = [(r["step"], r["loss"]) for r in history if "loss" in r]
-        val = [(r["step"], r["val_loss"]) for r in history if "val_loss" in r]
-        if train:
-            ax.plot(*zip(*train), color=color, linewidth=1, alpha=0.6, label=f"{name} train")
-        if val:
-            ax.plot(*zip(*val), "o-", color=color, label=f"{name} validation")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss (per answer token)")
-    ax.set_title("Loss curves")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    _save(fig, folder / "loss.png", plt)
-
-    entries = results["runs"]
-    _bars(plt, entries, folder / "speed.png", "Speed (higher is faster)", "tokens/s",
-          [("training", "training.tokens_per_s"), ("generation, one question", "speed.tokens_per_s"),
-           ("generation, batched", "speed.batched_tokens_per_s")])
-    _bars(plt, entries, folder / "memory.png", "Memory (lower is smaller)", "MiB",
-          [("training peak", "memory.training_peak_mb"), ("base weights (training)", "memory.base_weights_mb"),
-           ("loaded for answering", "memory.loaded_for_answers_mb")])
-
-
-def _bars(plt, entries: list[dict], path: Path, title: str, unit: str, groups: list[tuple[str, str]]) -> None:
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    width = 0.8 / max(1, len(entries))
-    for i, e in enumerate(entries):
-        xs = [g + i * width for g in range(len(groups))]
-        values = [get(e, path) or 0 for _, path in groups]
-        bars = ax.bar(xs, values, width, label=f"{e['name']} ({LABEL.get(e['method'], e['method'])})", color=f"C{i}")
-        ax.bar_label(bars, labels=[fmt(get(e, p), "{:,.0f}") for _, p in groups], fontsize=7)
-    ax.set_xticks([g + width * (len(entries) - 1) / 2 for g in range(len(groups))], [label for label, _ in groups])
-    ax.set_ylabel(unit)
-    ax.set_title(title)
-    ax.legend(fontsize=8)
-    _save(fig, path, plt)
-
-
-def _save(fig, path: Path, plt) -> None:
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)

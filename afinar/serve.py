@@ -122,7 +122,7 @@ class State:
         from afinar.inference import Predictor
 
         try:
-            self.attach(Predictor(run))
+            self.attach(Predictor(run, serve=self.cfg))
             log.warning("afinar serve: %s loaded", run)
         except Exception as e:  # noqa: BLE001 - reported by /health and every request, not a silent dead thread
             if not isinstance(e, AfinarError):

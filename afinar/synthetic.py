@@ -1,5 +1,10 @@
 """Random-weight models of real shapes, with Mistral's real tokenizer, for tests and benchmarks.
 
+Shipped with afinar so that a user can test an integration (their backend against `afinar
+serve`) without a model download: `python -m afinar.synthetic tiny-run FOLDER` trains a tiny
+real run in seconds. It needs the `mistral-common` package (the `[test]` extra) and nothing
+from the repository: the data it trains on are the bundled sample (`bundled:farense/...`).
+
 Speed and memory do not depend on weight values, so a random Mistral-7B-shaped model is a
 faithful benchmark model; a 2-layer one is a fast, realistic unit-test model. The tokenizer
 is Mistral-7B's own (v1, 32k vocab) as shipped by the `mistral-common` package, with the
@@ -18,6 +23,9 @@ SHAPES = {
     # name: MistralConfig overrides
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, head_dim=16, max_position_embeddings=2048),
+    # Big enough that a training step's activations outweigh the framework (tests/test_memory.py).
+    "small": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
+                  num_key_value_heads=4, head_dim=64, max_position_embeddings=2048),
     "mistral-7b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                        num_key_value_heads=8, head_dim=128, max_position_embeddings=32768),
 }
@@ -29,7 +37,8 @@ def mistral_tokenizer(folder: str | Path):
         import mistral_common
         from mistral_common.integrations.chat_templates.chat_templates import convert_tokenizer_to_chat_template
     except ImportError:
-        raise AfinarError("The Mistral tokenizer comes from the 'mistral-common' package: pip install mistral-common") from None
+        raise AfinarError("The Mistral tokenizer comes from the 'mistral-common' package: "
+                          "pip install 'afinar[test]' (or pip install mistral-common)") from None
     from transformers import LlamaTokenizer
 
     source = Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
@@ -77,19 +86,18 @@ def make_tiny_run(folder: str | Path, steps: int = 2) -> Path:
     if (folder / "metadata.json").is_file():
         return folder
     model = make_random_model(folder.with_name(folder.name + "-model"), "tiny")
-    data = Path(__file__).resolve().parents[1] / "data" / "farense"
     cfg = load_config(None, [
         f"model.base={model}", "model.quantization=none", "model.compute_dtype=float32",
-        f"data.train={data / 'train.jsonl'}", "data.val=null", "train.batch_size=2", "train.grad_accumulation=1",
+        "data.train=bundled:farense/train.jsonl", "data.val=null", "train.batch_size=2", "train.grad_accumulation=1",
         "train.max_seq_length=128", "train.warmup_steps=1", f"train.max_steps={steps}", "train.save_every=0",
     ])
-    return run_training(cfg, folder)
+    return run_training(cfg, folder).output
 
 
 if __name__ == "__main__":  # python -m afinar.synthetic tiny-run FOLDER: prints the run folder
     import sys
 
-    from afinar.cli import quiet_libraries  # also quiets transformers' logging through the environment
+    from afinar.quiet import quiet_libraries
 
     quiet_libraries()
     if len(sys.argv) != 3 or sys.argv[1] != "tiny-run":

@@ -1,10 +1,13 @@
-"""The training loop: framework-free, the backend does the tensor work.
+"""The trainer: framework-free; the backend does the tensor work, `schedule.py` decides what comes when.
 
-One optimizer step = `grad_accumulation` micro-batches. The loss is the mean over every
-answer token of the whole step (each micro-batch's token-loss sum is scaled by 1 / targets
-in the step), so the gradient does not depend on how the step is cut into micro-batches,
-nor on how many processes share it under torchrun (see distributed.py).
-Learning rate: linear warmup (lr x step / warmup_steps), then cosine decay to `min_lr_ratio` x peak.
+One optimizer step = `grad_accumulation` micro-batches, the loss the mean over every answer token
+of the step (see schedule.py). The trainer holds the run's state on itself and reports through
+typed events (events.py), which the run writer appends to metrics.jsonl and `on_event` shows.
+
+    result = Trainer(cfg, "runs/x").run()      # or run_training(cfg, "runs/x")
+    result.output, result.stopped, result.best_val_loss
+
+`setup()` then `step()` also work on their own (benchmarks time steps this way).
 """
 
 from __future__ import annotations
@@ -14,90 +17,19 @@ import platform
 import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
-from afinar import __version__, checkpoints, data, distributed, models
-from afinar.backends import get_backend
+from afinar import __version__, checkpoints, data, distributed, events, memory, models, rng, schedule
+from afinar.backends import TrainingBackend, training_backend
 from afinar.config import Config
 from afinar.errors import AfinarError
-from afinar.runs import RunWriter, file_sha256
-
-
-def lr_at(step: int, total: int, cfg: Config) -> float:
-    """Learning rate for optimizer step `step` (1-based)."""
-    t = cfg.train
-    if step <= t.warmup_steps:
-        return t.learning_rate * step / max(1, t.warmup_steps)
-    progress = (step - t.warmup_steps) / max(1, total - t.warmup_steps)
-    floor = t.learning_rate * t.min_lr_ratio
-    return floor + (t.learning_rate - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-@dataclass
-class Prepared:
-    train: list[data.Encoded]
-    val: list[data.Encoded]
-    dropped: int
-    truncated: int
-
-
-def prepare(cfg: Config, tokenizer, train_ex: list[data.Example], val_ex: list[data.Example]) -> Prepared:
-    enc = lambda ex: data.encode(ex, tokenizer, cfg.train.max_seq_length, cfg.data.train_on_prompt, cfg.data.system_prompt)
-    train, val = [enc(e) for e in train_ex], [enc(e) for e in val_ex]
-    truncated = sum(e.truncated for e in train)
-    kept = [e for e in train if e.n_targets > 0]
-    if not kept:
-        first = train[0]
-        raise AfinarError(
-            f"{cfg.data.train}: no training example has an answer token left within train.max_seq_length="
-            f"{cfg.train.max_seq_length} (first: {first.source or 'line 1'}, {len(first.input_ids)} tokens kept). "
-            "Raise train.max_seq_length (see `afinar data check`)."
-        )
-    return Prepared(kept, [e for e in val if e.n_targets > 0], len(train) - len(kept), truncated)
-
-
-def micro_batches(prepared: Prepared, cfg: Config) -> Iterator[tuple[int, list[data.Encoded]]]:
-    """(epoch, micro-batch) forever, in a deterministic order."""
-    epoch = 0
-    while True:
-        for idx in epoch_batches(prepared, cfg, epoch):
-            yield epoch, [prepared.train[i] for i in idx]
-        epoch += 1
-
-
-def epoch_batches(prepared: Prepared, cfg: Config, epoch: int = 0) -> list[list[int]]:
-    t = cfg.train
-    lengths = [len(e.input_ids) for e in prepared.train]
-    return data.batch_order(lengths, t.batch_size, t.seed, epoch, t.group_by_length, t.batch_tokens)
-
-
-def total_steps(cfg: Config, n_train: int, batches_per_epoch: int | None = None) -> int:
-    """Optimizer steps of the run; `batches_per_epoch` when a token budget sets the batch count."""
-    if cfg.train.max_steps:
-        return cfg.train.max_steps
-    batches = batches_per_epoch or math.ceil(n_train / cfg.train.batch_size)
-    return max(1, math.ceil(cfg.train.epochs * batches / cfg.train.grad_accumulation))
-
-
-def validation_loss(backend, val: list[data.Encoded], batch_size: int, world=distributed.SINGLE) -> float | None:
-    if not val:
-        return None
-    batches = [val[i : i + batch_size] for i in range(0, len(val), batch_size)]
-    loss, n = 0.0, 0
-    for mb in distributed.shard(batches, world):
-        if not mb:  # no share here: a pass anyway, FSDP's gathers need every process
-            backend.eval_loss(batches[0][:1])
-            continue
-        s, k = backend.eval_loss(mb)
-        loss, n = loss + s, n + k
-    if world.size > 1:
-        loss, n = backend.all_sum([loss, n])
-    return loss / n
+from afinar.runs import NullWriter, RunWriter, file_sha256
 
 
 @dataclass
@@ -120,275 +52,388 @@ class LoopState:
     oom_events: list = field(default_factory=list)
 
 
+@dataclass
+class TrainResult:
+    """What a finished training run reports (the same figures are in its metadata.json)."""
+
+    output: Path
+    steps: int
+    planned_steps: int
+    stopped: events.Stopped | None
+    best_step: int | None
+    best_val_loss: float | None
+    final_val_loss: float | None
+    adapter_step: int
+    train_time_s: float
+    tokens_per_s: float
+    peak_memory_mb: float
+
+    @property
+    def diverged(self) -> bool:
+        return self.stopped is not None and self.stopped.reason == "diverged"
+
+
 class TrainingInterrupted(AfinarError):
     exit_code = 130
 
 
-def run_training(cfg: Config, output: str | Path, overwrite: bool = False,
-                 on_event: Callable[[dict], None] | None = None, resume: bool = False, force: bool = False) -> Path:
-    """Train per `cfg` and write the run folder at `output`. `on_event` sees every metrics record.
+class Trainer:
+    def __init__(self, cfg: Config, output: str | Path, *, overwrite: bool = False, resume: bool = False,
+                 force: bool = False, on_event: Callable[[events.Event], None] | None = None,
+                 backend: TrainingBackend | None = None):
+        """`backend`: an already loaded training backend (benchmarks); by default the config's, loaded in setup()."""
+        self.cfg, self.output = cfg, Path(output)
+        self.overwrite, self.resume, self.force = overwrite, resume, force
+        self.world = distributed.from_env()
+        self.on_event = on_event if self.world.main else None  # one process prints
+        self.backend, self._loaded = backend, backend is not None
+        self.state = LoopState()
+        self.writer: RunWriter | None = None
+        self.started = time.time()
 
-    With `resume`, continue `<output>.partial/` from its newest checkpoint (same data order,
-    schedule, optimizer and RNG states: the result equals an uninterrupted run).
-    """
-    started = time.time()
-    train_ex = data.read_jsonl(cfg.data.train)
-    val_ex = data.read_jsonl(cfg.data.val) if cfg.data.val else []
-    if len(train_ex) < cfg.train.batch_size:
-        raise AfinarError(f"{cfg.data.train} has {len(train_ex)} examples, fewer than train.batch_size={cfg.train.batch_size}.")
-    resolved = models.resolve(cfg.model.base)
-    world = distributed.from_env()  # under torchrun: only rank 0 writes the run and prints
-    if world.main:
-        writer = RunWriter.reopen(output, cfg, force) if resume else RunWriter.create(output, overwrite, cfg)
-    else:
-        writer = distributed.FollowerWriter(Path(output))
-    emit = on_event if on_event and world.main else (lambda record: None)
-    stop = _StopSignal()
-    try:
-        backend = get_backend(cfg)
-        if world.size > 1 and not hasattr(backend, "all_sum"):
-            raise AfinarError(f"backend={backend.name} trains in one process only; WORLD_SIZE={world.size} was set "
-                              "(torchrun / accelerate launch). Use --set backend=torch, or start one process.")
-        tokenizer = backend.load(resolved)
-        prepared = prepare(cfg, tokenizer, train_ex, val_ex)
-        per_epoch = len(epoch_batches(prepared, cfg))
-        steps = total_steps(cfg, len(prepared.train), per_epoch)
-        state, resumed_from = LoopState(), None
-        if resume and (found := checkpoints.latest(writer.tmp)):
-            saved, folder = found
-            backend.load_checkpoint(folder)
-            state, resumed_from = LoopState(**saved["loop"]), saved["loop"]["step"]
-            writer.truncate(state.step)
-        elif resume:
-            writer.truncate(0)
-        if world.size > 1 and backend.all_sum([state.step])[0] != state.step * world.size:
-            raise AfinarError(f"The processes resumed {writer.tmp} from different steps (this one: {state.step}): "
-                              "every node must read the same run folder (a shared filesystem).")
-        widest = max(len(e.input_ids) for e in prepared.train)  # the worst micro-batch: the longest examples together
-        answers = sum(sorted(e.n_targets for e in prepared.train)[-cfg.train.batch_size:])
-        batch_tokens = widest * cfg.train.batch_size
-        if cfg.train.batch_tokens:
-            batch_tokens = min(batch_tokens, max(cfg.train.batch_tokens, widest))
-        memory_plan = backend.estimate_memory(batch_tokens, answers)
-        emit({"event": "start", "total_steps": steps, "memory_estimate_mb": memory_plan, "train_examples": len(prepared.train),
-              "val_examples": len(prepared.val), "truncated": prepared.truncated, "dropped": prepared.dropped,
-              "device": backend.describe(), "warmup_steps": cfg.train.warmup_steps, "resumed_from": resumed_from})
+    # ------------------------------------------------------------ the run
 
-        stream = micro_batches(prepared, cfg)
-        for _ in range(state.consumed):  # replay the data order up to the checkpoint
-            next(stream)
-        stopped = None
-        with stop:
-            while state.step < steps and stopped is None:
-                stopped = _train_step(cfg, backend, prepared, stream, state, steps, writer, emit, world)
-                requested = stop.requested
-                if world.size > 1:  # a signal reaches processes at different steps: stop together
-                    requested = backend.all_sum([float(requested)])[0] > 0
-                if stopped is None and requested:
-                    if world.main:
-                        checkpoints.save(writer.tmp, backend, _ckpt_state(state, steps), cfg.train.keep_checkpoints)
-                    raise TrainingInterrupted(
-                        f"Interrupted: checkpoint saved at step {state.step} of {steps}. "
-                        f"Resume with: afinar train --resume {output}"
-                    )
-        if stopped:
-            emit({"event": "stopped", **stopped})
-        if not world.main:
-            backend.all_sum([0.0])  # return once rank 0 has written the run folder
-            return writer.output
-        path = _finish(cfg, writer, backend, resolved, prepared, train_ex, val_ex, state, steps, started,
-                       resumed_from, stopped, emit, memory_plan, per_epoch)
-        if world.size > 1:
-            backend.all_sum([0.0])
-        return path
-    except BaseException as e:
-        if checkpoints.step_checkpoints(writer.tmp):
-            # A crash loses at most the work since the last checkpoint.
-            if not isinstance(e, TrainingInterrupted):
-                emit({"event": "crashed", "resume": f"afinar train --resume {output}"})
-        else:
-            writer.abandon()
-        raise
-
-
-def _train_step(cfg, backend, prepared, stream, state: LoopState, steps: int, writer, emit,
-                world=distributed.SINGLE) -> dict | None:
-    """One optimizer step, its logging, evaluation and checkpoint; a dict if training must stop.
-
-    With several processes each takes its share of the step's micro-batches, scaled by the
-    step's global target count; the backend sums gradients and losses across processes.
-    """
-    t0 = time.time()
-    step = state.step + 1
-    window = [next(stream) for _ in range(cfg.train.grad_accumulation)]
-    n_targets = sum(e.n_targets for _, mb in window for e in mb)
-    mine = distributed.shard([mb for _, mb in window], world)
-    loss_sum = _accumulate(cfg, backend, mine, n_targets, state, writer, emit, world, filler=window[0][1][:1])
-    if world.size > 1:
-        loss_sum = backend.all_sum([loss_sum])[0]
-    lr = lr_at(step, steps, cfg)
-    grad_norm = backend.optimizer_step(lr)
-    loss = loss_sum / n_targets
-    state.step, state.consumed, state.epoch = step, state.consumed + len(window), window[-1][0]
-    diverged = _divergence(cfg, state, loss)
-    if diverged:
-        return diverged
-    step_tokens = sum(len(e.input_ids) for _, mb in window for e in mb)
-    state.tokens_seen += step_tokens
-    state.targets_seen += n_targets
-    dt = time.time() - t0
-    state.train_time_s += dt
-    record = {"step": step, "epoch": round(state.epoch + 1, 3), "loss": round(loss, 5), "lr": lr,
-              "grad_norm": round(grad_norm, 4), "tokens": state.tokens_seen, "tokens_per_s": round(step_tokens / dt, 1),
-              "elapsed_s": round(state.train_time_s, 2), **_round(backend.memory())}
-    writer.log(record)
-    emit(record)
-    stopped = None
-    if step % cfg.train.eval_every == 0 or step == steps:
-        stopped = _evaluate(cfg, backend, prepared, state, steps, writer, emit, world)
-    if world.main and cfg.train.save_every and (step % cfg.train.save_every == 0) and step < steps:
-        checkpoints.save(writer.tmp, backend, _ckpt_state(state, steps), cfg.train.keep_checkpoints)
-    return stopped
-
-
-def _accumulate(cfg, backend, micro_batches: list, n_targets: int, state: LoopState, writer, emit,
-                world=distributed.SINGLE, filler: list | None = None) -> float:
-    """Forward and backward over one step's micro-batches; on out-of-memory, split them and retry.
-
-    Each micro-batch is cut into `state.split` pieces, so halving the micro-batch doubles the
-    accumulation: the step still sees the same examples with the same loss scale.
-    """
-    while True:
+    def run(self) -> TrainResult:
+        """Train per the config and write the run folder; resume from the newest checkpoint if asked."""
+        self.setup()
         try:
-            loss_sum = 0.0
-            for mb in micro_batches:
-                if not mb:  # no share of this micro-batch here (see distributed.shard): a zero-weight pass
-                    backend.forward_backward(filler, scale=0.0)
-                    continue
-                size = math.ceil(len(mb) / state.split)
-                for i in range(0, len(mb), size):
-                    s, _ = backend.forward_backward(mb[i : i + size], scale=1.0 / n_targets)
-                    loss_sum += s
-            return loss_sum
-        except Exception as e:
-            if not backend.is_out_of_memory(e):
-                raise
-            if world.size > 1 and cfg.distributed.strategy == "fsdp":  # a retry would desynchronise FSDP's gathers
-                t = cfg.train
-                raise AfinarError(f"Out of memory at step {state.step + 1} under FSDP ({world.size} processes). Lower "
-                                  f"train.batch_tokens (now {t.batch_tokens}) or train.batch_size (now {t.batch_size}), "
-                                  "or set train.gradient_checkpointing=true.") from None
-            backend.recover_from_out_of_memory()
-            if cfg.train.batch_size // state.split <= 1:
-                raise AfinarError(
-                    f"Out of memory at step {state.step + 1} even with a micro-batch of 1 example. Lower "
-                    f"train.max_seq_length (now {cfg.train.max_seq_length}), set train.gradient_checkpointing=true, "
-                    "or use model.quantization=nf4."
-                ) from None
-            state.split *= 2
-            event = {"event": "out_of_memory", "step": state.step + 1,
-                     "micro_batch": math.ceil(cfg.train.batch_size / state.split),
-                     "grad_accumulation": cfg.train.grad_accumulation * state.split}
-            state.oom_events.append(event)
-            writer.log(event)
-            emit(event)
+            stopped = None
+            with _StopSignal() as stop:
+                while self.state.step < self.total and stopped is None:
+                    stopped = self.step()
+                    if stopped is None and self._stop_requested(stop):
+                        if self.world.main:
+                            self.save()
+                        raise TrainingInterrupted(f"Interrupted: checkpoint saved at step {self.state.step} of "
+                                                  f"{self.total}. Resume with: afinar train --resume {self.output}")
+            if stopped:
+                self.log(stopped)
+            return self.finish(stopped)
+        except BaseException as e:
+            self._on_crash(e)
+            raise
 
+    def setup(self) -> None:
+        """Read the data, open the run folder, load the model, restore a checkpoint, plan memory."""
+        cfg = self.cfg
+        if not cfg.data.train:
+            raise AfinarError("data.train is not set: name your training file with --set data.train=FILE (JSONL; "
+                              "--set data.val=FILE for validation), or use --preset cpu for the bundled demo data.")
+        self.train_ex = data.read_setting(cfg.data.train)
+        self.val_ex = data.read_setting(cfg.data.val) if cfg.data.val else []
+        if len(self.train_ex) < cfg.train.batch_size:
+            raise AfinarError(f"{cfg.data.train} has {len(self.train_ex)} examples, fewer than "
+                              f"train.batch_size={cfg.train.batch_size}.")
+        self.resolved = models.resolve(cfg.model.base)
+        if not self.world.main:  # only rank 0 writes the run folder
+            self.writer = NullWriter(self.output)
+        elif self.resume:
+            self.writer = RunWriter.reopen(self.output, cfg, self.force)
+        else:
+            self.writer = RunWriter.create(self.output, self.overwrite, cfg)
+        try:
+            if not self._loaded:
+                self.backend = training_backend(cfg, self.world)
+                tokenizer = self.backend.load(self.resolved)
+            else:
+                tokenizer = self.backend.tokenizer
+            self.collective = self.backend.collective
+            self._start(schedule.prepare(cfg, tokenizer, self.train_ex, self.val_ex))
+        except BaseException as e:
+            self._on_crash(e)
+            raise
 
-def _evaluate(cfg, backend, prepared, state: LoopState, steps: int, writer, emit,
-              world=distributed.SINGLE) -> dict | None:
-    val = validation_loss(backend, prepared.val, max(cfg.train.batch_size, 8), world)
-    if val is None:
+    @classmethod
+    def on_examples(cls, cfg: Config, backend: TrainingBackend, examples: list[data.Encoded],
+                    on_event: Callable[[events.Event], None] | None = None) -> "Trainer":
+        """A trainer over encoded examples with a loaded backend, writing no run folder: benchmarks time its step()."""
+        trainer = cls(cfg, Path(tempfile.gettempdir()) / "afinar-no-run", on_event=on_event, backend=backend)
+        trainer.writer, trainer.train_ex, trainer.val_ex = NullWriter(trainer.output), [], []
+        trainer.collective = backend.collective
+        trainer._start(schedule.Prepared(list(examples), [], 0, 0))
+        return trainer
+
+    def _start(self, prepared: schedule.Prepared) -> None:
+        """Plan the run over `prepared` (steps, memory), restore a checkpoint if resuming, say so, position the data."""
+        cfg = self.cfg
+        self.prepared = prepared
+        self.per_epoch = len(schedule.epoch_batches(prepared, cfg))
+        self.total = schedule.total_steps(cfg, len(prepared.train), self.per_epoch)
+        self.resumed_from = self._restore() if self.resume else None
+        self.memory_plan = self._memory_plan()
+        self.log(events.Start(
+            total_steps=self.total, train_examples=len(prepared.train), val_examples=len(prepared.val),
+            truncated=prepared.truncated, dropped=prepared.dropped, warmup_steps=cfg.train.warmup_steps,
+            device=self.backend.describe(), memory_estimate_mb=self.memory_plan,
+            trainable_by_kind=self.backend.trainable_by_kind(), resumed_from=self.resumed_from))
+        self.stream = schedule.micro_batches(prepared, cfg)
+        for _ in range(self.state.consumed):  # replay the data order up to the checkpoint
+            next(self.stream)
+
+    def step(self) -> events.Stopped | None:
+        """One optimizer step, its record, and the evaluation and checkpoint due after it.
+
+        With several processes each takes its share of the step's micro-batches, scaled by the
+        step's global target count; the backend sums gradients, the collective the losses.
+        """
+        t0 = time.perf_counter()
+        st, t = self.state, self.cfg.train
+        window = [next(self.stream) for _ in range(t.grad_accumulation)]
+        n_targets = sum(e.n_targets for _, mb in window for e in mb)
+        mine = distributed.shard([mb for _, mb in window], self.world)
+        loss_sum = self.collective.all_sum([self._accumulate(mine, n_targets, filler=window[0][1][:1])])[0]
+        lr = schedule.lr_at(st.step + 1, self.total, self.cfg)
+        grad_norm = self.backend.optimizer_step(lr)
+        st.step, st.consumed, st.epoch = st.step + 1, st.consumed + len(window), window[-1][0]
+        loss = loss_sum / n_targets
+        if diverged := self._divergence(loss):
+            return diverged
+        tokens = sum(len(e.input_ids) for _, mb in window for e in mb)
+        st.tokens_seen, st.targets_seen = st.tokens_seen + tokens, st.targets_seen + n_targets
+        dt = time.perf_counter() - t0
+        st.train_time_s += dt
+        mem = self.backend.memory()
+        self.log(events.Step(step=st.step, epoch=round(st.epoch + 1, 3), loss=round(loss, 5), lr=lr,
+                             grad_norm=round(grad_norm, 4), tokens=st.tokens_seen, tokens_per_s=round(tokens / dt, 1),
+                             elapsed_s=round(st.train_time_s, 2), memory_mb=round(mem["memory_mb"], 1),
+                             peak_memory_mb=round(mem["peak_memory_mb"], 1)))
+        stopped = self.evaluate() if st.step % t.eval_every == 0 or st.step == self.total else None
+        if self.world.main and t.save_every and st.step % t.save_every == 0 and st.step < self.total:
+            self.save()
+        return stopped
+
+    def evaluate(self) -> events.Stopped | None:
+        """Validation loss now; keep the best adapter; stop early after `early_stopping_patience` checks."""
+        st = self.state
+        if not self.prepared.val:
+            return None
+        self.emit(events.Status("validation"))
+        t0 = time.perf_counter()
+        val = schedule.validation_loss(self.backend, self.prepared.val, schedule.eval_batch_size(self.cfg),
+                                       self.world, self.collective)
+        self.emit(events.Status("validation", done=True, seconds=round(time.perf_counter() - t0, 2)))
+        st.last_val = val
+        if st.best_val is None or val < st.best_val:
+            st.best_val, st.best_step, st.evals_without_improvement = val, st.step, 0
+            if self.world.main:
+                t0 = time.perf_counter()
+                checkpoints.save_best(self.writer.tmp, self.backend, st.step, val)
+                self.log(events.Checkpoint(step=st.step, seconds=round(time.perf_counter() - t0, 2), best=True))
+        else:
+            st.evals_without_improvement += 1
+        self.log(events.Eval(step=st.step, val_loss=round(val, 5), best_val_loss=round(st.best_val, 5)))
+        self.writer.write_state(self._state_summary())
+        patience = self.cfg.train.early_stopping_patience
+        if patience and st.evals_without_improvement >= patience:
+            return events.Stopped("early_stopping", st.step,
+                                  f"No validation improvement in {patience} checks since step {st.best_step} "
+                                  f"(best {st.best_val:.4f}): stopped early.")
         return None
-    state.last_val = val
-    if state.best_val is None or val < state.best_val:
-        state.best_val, state.best_step, state.evals_without_improvement = val, state.step, 0
-        if world.main:
-            checkpoints.save_best(writer.tmp, backend, state.step, val)
-    else:
-        state.evals_without_improvement += 1
-    record = {"step": state.step, "val_loss": round(val, 5), "best_val_loss": round(state.best_val, 5)}
-    writer.log(record)
-    emit(record)
-    writer.write_state(_state(state, steps))
-    patience = cfg.train.early_stopping_patience
-    if patience and state.evals_without_improvement >= patience:
-        return {"reason": "early_stopping", "step": state.step,
-                "message": f"No validation improvement in {patience} checks since step {state.best_step} "
-                           f"(best {state.best_val:.4f}): stopped early."}
-    return None
+
+    def save(self) -> Path:
+        """A step checkpoint: the backend's state, every RNG state and the loop state (exact resume)."""
+        t0 = time.perf_counter()
+        path = checkpoints.save(self.writer.tmp, self.backend,
+                                {"step": self.state.step, "total_steps": self.total, "loop": asdict(self.state)},
+                                self.cfg.train.keep_checkpoints)
+        self.log(events.Checkpoint(step=self.state.step, seconds=round(time.perf_counter() - t0, 2)))
+        return path
+
+    def finish(self, stopped: events.Stopped | None = None) -> TrainResult:
+        """Choose the final adapter, write metadata and the rest, publish the run folder."""
+        st, cfg = self.state, self.cfg
+        if not self.world.main:
+            self.collective.all_sum([0.0])  # return once rank 0 has written the run folder
+            return self._result(stopped, st.step, None)
+        best = checkpoints.best(self.writer.tmp)
+        diverged = stopped is not None and stopped.reason == "diverged"
+        if diverged and best is None:
+            raise AfinarError(stopped.message + " No validation checkpoint was saved before it, so no run was written.")
+        if best is not None and (cfg.train.final_adapter == "best" or diverged):
+            for name in ("adapter_model.safetensors", "adapter_config.json"):
+                shutil.copy2(best[1] / name, self.writer.tmp / name)
+            adapter_step, adapter_source = best[0]["step"], "best"
+        else:
+            self.backend.save_adapter(self.writer.tmp)
+            adapter_step, adapter_source = st.step, "last"
+        metadata = self._metadata(stopped, adapter_step, adapter_source)
+        self.writer.finish(cfg, metadata, self._state_summary(), self._guide_question())
+        result = self._result(stopped, adapter_step, metadata)
+        self.emit(events.Done(output=str(self.output), train_time_s=metadata["train_time_s"],
+                              tokens_per_s=metadata["tokens_per_s"], final_val_loss=metadata["final_val_loss"]))
+        if self.world.size > 1:
+            self.collective.all_sum([0.0])
+        return result
+
+    # ------------------------------------------------------------ reporting
+
+    def emit(self, event: events.Event) -> None:
+        if self.on_event is not None:
+            self.on_event(event)
+
+    def log(self, event: events.Event) -> None:
+        """A record for metrics.jsonl (rank 0) and for the display."""
+        self.writer.log(event)
+        self.emit(event)
+
+    # ------------------------------------------------------------ pieces of the above
+
+    def _accumulate(self, micro_batches: list, n_targets: int, filler: list) -> float:
+        """Forward and backward over one step's micro-batches; on out-of-memory, split them and retry.
+
+        Each micro-batch is cut into `state.split` pieces, so halving the micro-batch doubles the
+        accumulation: the step still sees the same examples with the same loss scale.
+        """
+        st, t = self.state, self.cfg.train
+        while True:
+            try:
+                loss_sum = 0.0
+                for mb in micro_batches:
+                    if not mb:  # no share of this micro-batch here (see distributed.shard): a zero-weight pass
+                        self.backend.forward_backward(filler, scale=0.0)
+                        continue
+                    size = math.ceil(len(mb) / st.split)
+                    for i in range(0, len(mb), size):
+                        loss_sum += self.backend.forward_backward(mb[i : i + size], scale=1.0 / n_targets)[0]
+                return loss_sum
+            except Exception as e:
+                if not self.backend.is_out_of_memory(e):
+                    raise
+                if self.world.size > 1 and self.cfg.distributed.strategy == "fsdp":  # a retry would desynchronise FSDP
+                    raise AfinarError(f"Out of memory at step {st.step + 1} under FSDP ({self.world.size} processes). "
+                                      f"Lower train.batch_tokens (now {t.batch_tokens}) or train.batch_size (now "
+                                      f"{t.batch_size}), or set train.gradient_checkpointing=true.") from None
+                self.backend.recover_from_out_of_memory()
+                if t.batch_size // st.split <= 1:
+                    raise AfinarError(
+                        f"Out of memory at step {st.step + 1} even with a micro-batch of 1 example. Lower "
+                        f"train.max_seq_length (now {t.max_seq_length}), set train.gradient_checkpointing=true, "
+                        "or use model.quantization=nf4.") from None
+                st.split *= 2
+                event = events.OutOfMemory(step=st.step + 1, micro_batch=math.ceil(t.batch_size / st.split),
+                                           grad_accumulation=t.grad_accumulation * st.split)
+                st.oom_events.append(events.to_dict(event))
+                self.log(event)
+
+    def _divergence(self, loss: float) -> events.Stopped | None:
+        """NaN/inf, or the smoothed loss far above its running minimum: stop with advice."""
+        st, t = self.state, self.cfg.train
+        advice = (f"Try --set train.learning_rate={t.learning_rate / 2:g} (now {t.learning_rate:g}) "
+                  f"and --set train.warmup_steps={max(2 * t.warmup_steps, 10)} (now {t.warmup_steps}).")
+        if not math.isfinite(loss):
+            return events.Stopped("diverged", st.step, f"Training loss became {loss} at step {st.step}. {advice}")
+        st.smoothed_loss = loss if st.smoothed_loss is None else 0.9 * st.smoothed_loss + 0.1 * loss
+        st.smoothed_min = min(st.smoothed_min if st.smoothed_min is not None else math.inf, st.smoothed_loss)
+        if t.divergence_factor and st.smoothed_loss > t.divergence_factor * st.smoothed_min:
+            return events.Stopped("diverged", st.step,
+                                  f"Training loss diverged at step {st.step}: smoothed {st.smoothed_loss:.3f} > "
+                                  f"{t.divergence_factor:g} x its minimum {st.smoothed_min:.3f}. {advice}")
+        return None
+
+    def _restore(self) -> int | None:
+        """Continue from the newest checkpoint of the unfinished run; its step, or None if it had none."""
+        found = checkpoints.latest(self.writer.tmp)
+        step = 0
+        if found:
+            saved, folder = found
+            self.backend.load_state(folder)
+            self.backend.set_rng_state(rng.load(folder))
+            self.state = LoopState(**saved["loop"])
+            step = self.state.step
+        self.writer.truncate(step)
+        if self.collective.all_sum([step])[0] != step * self.world.size:
+            raise AfinarError(f"The processes resumed {self.writer.tmp} from different steps (this one: {step}): "
+                              "every node must read the same run folder (a shared filesystem).")
+        return step if found else None
+
+    def _memory_plan(self) -> dict[str, float]:
+        """The estimate of a step's memory, for the worst micro-batch: the longest examples together."""
+        t = self.cfg.train
+        widest = max(len(e.input_ids) for e in self.prepared.train)
+        answers = sum(sorted(e.n_targets for e in self.prepared.train)[-t.batch_size:])
+        batch_tokens = widest * t.batch_size
+        if t.batch_tokens:
+            batch_tokens = min(batch_tokens, max(t.batch_tokens, widest))
+        return memory.estimate(self.backend.model_facts(), batch_tokens, answers, t.gradient_checkpointing)
+
+    def _stop_requested(self, stop: "_StopSignal") -> bool:
+        # A signal reaches processes at different steps: stop together.
+        return self.collective.all_sum([float(stop.requested)])[0] > 0
+
+    def _on_crash(self, error: BaseException) -> None:
+        if self.writer is None or not self.world.main:
+            return
+        if checkpoints.step_checkpoints(self.writer.tmp):
+            # A crash loses at most the work since the last checkpoint.
+            if not isinstance(error, TrainingInterrupted):
+                self.emit(events.Crashed(resume=f"afinar train --resume {self.output}"))
+        else:
+            self.writer.abandon()
+
+    def _state_summary(self) -> dict:
+        st = self.state
+        return {"global_step": st.step, "max_steps": self.total, "epoch": st.epoch + 1, "best_val_loss": st.best_val,
+                "best_step": st.best_step, "tokens_seen": st.tokens_seen}
+
+    def _guide_question(self) -> str:
+        """A question from the run's own data for INTEGRATION_GUIDE.md (validation first: not trained on)."""
+        for ex in (*self.val_ex, *self.train_ex):
+            if ex.question.strip():
+                return ex.question
+        return "Hello!"
+
+    def _metadata(self, stopped: events.Stopped | None, adapter_step: int, adapter_source: str) -> dict:
+        st, cfg = self.state, self.cfg
+        backend = self.backend
+        return {
+            "afinar_version": __version__,
+            "method": cfg.method,
+            "base_model": {"name": cfg.model.base, "path": self.resolved.path, "source": self.resolved.source,
+                           "sha256": models.content_hash(self.resolved)},
+            "data": {split: _data_info(value, n) for split, value, n in
+                     (("train", cfg.data.train, len(self.train_ex)), ("val", cfg.data.val, len(self.val_ex))) if value},
+            "examples_truncated": self.prepared.truncated,
+            "examples_dropped": self.prepared.dropped,
+            "device": backend.describe(),
+            "host": {"python": sys.version.split()[0], "platform": platform.platform()},
+            "steps": st.step,
+            "planned_steps": self.total,
+            "epochs_completed": round(st.consumed / self.per_epoch, 3),
+            "tokens_seen": st.tokens_seen,
+            "target_tokens_seen": st.targets_seen,
+            "train_time_s": round(st.train_time_s, 2),
+            "wall_time_s": round(time.time() - self.started, 2),
+            "tokens_per_s": round(st.tokens_seen / max(st.train_time_s, 1e-9), 1),
+            "peak_memory_mb": round(backend.memory()["peak_memory_mb"], 1),
+            "final_train_loss": next((e.loss for e in reversed(self.writer.history) if isinstance(e, events.Step)), None),
+            "final_val_loss": None if st.last_val is None else round(st.last_val, 5),
+            "best_val_loss": None if st.best_val is None else round(st.best_val, 5),
+            "best_val_step": st.best_step,
+            "adapter_step": adapter_step,
+            "adapter_source": adapter_source,
+            "resumed_from_step": self.resumed_from,
+            "memory_estimate_mb": self.memory_plan,
+            "micro_batch_size": math.ceil(cfg.train.batch_size / st.split),
+            "out_of_memory_events": st.oom_events,
+            "stopped": None if stopped is None else asdict(stopped),
+            "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+
+    def _result(self, stopped, adapter_step: int, metadata: dict | None) -> TrainResult:
+        st = self.state
+        m = metadata or {}
+        return TrainResult(output=self.output, steps=st.step, planned_steps=self.total, stopped=stopped,
+                           best_step=st.best_step, best_val_loss=m.get("best_val_loss"),
+                           final_val_loss=m.get("final_val_loss"), adapter_step=adapter_step,
+                           train_time_s=round(st.train_time_s, 2), tokens_per_s=m.get("tokens_per_s", 0.0),
+                           peak_memory_mb=m.get("peak_memory_mb", 0.0))
 
 
-def _divergence(cfg, state: LoopState, loss: float) -> dict | None:
-    """NaN/inf, or the smoothed loss far above its running minimum: stop with advice."""
-    t = cfg.train
-    advice = (f"Try --set train.learning_rate={t.learning_rate / 2:g} (now {t.learning_rate:g}) "
-              f"and --set train.warmup_steps={max(2 * t.warmup_steps, 10)} (now {t.warmup_steps}).")
-    if not math.isfinite(loss):
-        return {"reason": "diverged", "step": state.step, "message": f"Training loss became {loss} at step {state.step}. {advice}"}
-    state.smoothed_loss = loss if state.smoothed_loss is None else 0.9 * state.smoothed_loss + 0.1 * loss
-    state.smoothed_min = min(state.smoothed_min if state.smoothed_min is not None else math.inf, state.smoothed_loss)
-    factor = t.divergence_factor
-    if factor and state.smoothed_loss > factor * state.smoothed_min:
-        return {"reason": "diverged", "step": state.step,
-                "message": f"Training loss diverged at step {state.step}: smoothed {state.smoothed_loss:.3f} > "
-                           f"{factor:g} x its minimum {state.smoothed_min:.3f}. {advice}"}
-    return None
-
-
-def _finish(cfg, writer, backend, resolved, prepared, train_ex, val_ex, state: LoopState, steps, started,
-            resumed_from, stopped, emit, memory_plan, per_epoch: int) -> Path:
-    best = checkpoints.best(writer.tmp)
-    if stopped and stopped["reason"] == "diverged" and best is None:
-        raise AfinarError(stopped["message"] + " No validation checkpoint was saved before it, so no run was written.")
-    use_best = best is not None and (cfg.train.final_adapter == "best" or stopped and stopped["reason"] == "diverged")
-    if use_best:
-        for name in ("adapter_model.safetensors", "adapter_config.json"):
-            shutil.copy2(best[1] / name, writer.tmp / name)
-        adapter_step, adapter_source = best[0]["step"], "best"
-    else:
-        backend.save_adapter(writer.tmp)
-        adapter_step, adapter_source = state.step, "last"
-    train_time = max(state.train_time_s, 1e-9)
-    metadata = {
-        "afinar_version": __version__,
-        "method": cfg.method,
-        "base_model": {"name": cfg.model.base, "path": resolved.path, "source": resolved.source,
-                       "sha256": models.content_hash(resolved)},
-        "data": {split: _data_info(path, n) for split, path, n in
-                 (("train", cfg.data.train, len(train_ex)), ("val", cfg.data.val, len(val_ex))) if path},
-        "examples_truncated": prepared.truncated,
-        "examples_dropped": prepared.dropped,
-        "device": backend.describe(),
-        "host": {"python": sys.version.split()[0], "platform": platform.platform()},
-        "steps": state.step,
-        "planned_steps": steps,
-        "epochs_completed": round(state.consumed / per_epoch, 3),
-        "tokens_seen": state.tokens_seen,
-        "target_tokens_seen": state.targets_seen,
-        "train_time_s": round(state.train_time_s, 2),
-        "wall_time_s": round(time.time() - started, 2),
-        "tokens_per_s": round(state.tokens_seen / train_time, 1),
-        "peak_memory_mb": _round(backend.memory())["peak_memory_mb"],
-        "final_train_loss": next((r["loss"] for r in reversed(writer.history) if "loss" in r), None),
-        "final_val_loss": None if state.last_val is None else round(state.last_val, 5),
-        "best_val_loss": None if state.best_val is None else round(state.best_val, 5),
-        "best_val_step": state.best_step,
-        "adapter_step": adapter_step,
-        "adapter_source": adapter_source,
-        "resumed_from_step": resumed_from,
-        "memory_estimate_mb": memory_plan,
-        "micro_batch_size": math.ceil(cfg.train.batch_size / state.split),
-        "out_of_memory_events": state.oom_events,
-        "stopped": stopped,
-        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
-    path = writer.finish(cfg, metadata, _state(state, steps))
-    emit({"event": "done", "output": str(path), **{k: metadata[k] for k in ("train_time_s", "tokens_per_s", "final_val_loss")}})
-    return path
-
-
-def _ckpt_state(state: LoopState, steps: int) -> dict:
-    return {"step": state.step, "total_steps": steps, "loop": asdict(state)}
+def run_training(cfg: Config, output: str | Path, overwrite: bool = False,
+                 on_event: Callable[[events.Event], None] | None = None, resume: bool = False,
+                 force: bool = False) -> TrainResult:
+    """`Trainer(...).run()` in one call."""
+    return Trainer(cfg, output, overwrite=overwrite, resume=resume, force=force, on_event=on_event).run()
 
 
 class _StopSignal:
@@ -417,14 +462,7 @@ class _StopSignal:
         return False
 
 
-def _state(state: LoopState, steps: int) -> dict:
-    return {"global_step": state.step, "max_steps": steps, "epoch": state.epoch + 1, "best_val_loss": state.best_val,
-            "best_step": state.best_step, "tokens_seen": state.tokens_seen}
-
-
-def _round(d: dict) -> dict:
-    return {k: round(v, 1) for k, v in d.items()}
-
-
-def _data_info(path: str, count: int) -> dict:
-    return {"path": path, "examples": count, "sha256": file_sha256(path)}
+def _data_info(value: str, count: int) -> dict:
+    """Where a data file is (absolute, so the run folder says it wherever it is read) and what it holds."""
+    path = data.resolve_path(value)
+    return {"setting": value, "path": str(path.resolve()), "examples": count, "sha256": file_sha256(path)}

@@ -42,7 +42,7 @@ results = {}
 for name in only:
     t = time.time()
     cfg = load_config(None, common + runs[name])
-    run = run_training(cfg, f"/tmp/sweep/{name}", overwrite=True)
+    run = run_training(cfg, f"/tmp/sweep/{name}", overwrite=True).output
     meta = json.load(open(f"{run}/metadata.json"))
     tt = time.time() - t
     pr = Predictor(run)

@@ -2,8 +2,8 @@
 
 Plain rows: `model.generate` (greedy, left padding) on the NF4 base with the adapter kept apart
 (what a QLoRA run loads by default elsewhere), and on bf16 weights with the adapter merged.
-afinar rows: `TorchBackend.attach(..., trainable=False)` (dequantize + merge on a GPU with
-room) and `TorchBackend.generate`, which on CUDA runs the static-cache CUDA-graph decoder
+afinar rows: `TorchAnswerer.attach` (dequantize + merge on a GPU with
+room) and `TorchAnswerer.generate`, which on CUDA runs the static-cache CUDA-graph decoder
 (afinar/backends/fast_decode.py). Same random model, adapter and prompts everywhere; greedy
 tokens of afinar's rows are compared with both plain rows.
 
@@ -39,7 +39,7 @@ def prompts_for(tok, n: int, seed: int = 1) -> list[list[int]]:
 
 @torch.inference_mode()
 def hf_generate(model, tok, prompts, new_tokens: int) -> list[list[int]]:
-    """transformers' generate exactly as TorchBackend's plain path calls it (greedy, left padding)."""
+    """transformers' generate exactly as TorchAnswerer's plain path calls it (greedy, left padding)."""
     eos = tok.eos_token_id
     width = max(len(p) for p in prompts)
     ids = torch.tensor([[eos] * (width - len(p)) + p for p in prompts], device=model.device)
@@ -111,7 +111,7 @@ def random_adapter(base, folder: Path, scale: float) -> None:
 def main(argv=None) -> None:
     from peft import PeftModel
 
-    from afinar.backends.torch_backend import TorchBackend
+    from afinar.backends.torch_answer import TorchAnswerer
     from afinar.config import load_config, preset_path
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -146,9 +146,9 @@ def main(argv=None) -> None:
 
     # afinar: what `afinar serve` / `afinar ask` load: dequantize + merge when the GPU has room.
     cfg = load_config(preset_path("cuda-80gb"), [f"model.base={args.shape}"])
-    backend = TorchBackend(cfg)
+    backend = TorchAnswerer(cfg)
     t0 = time.perf_counter()
-    backend.attach(base, tok, folder, trainable=False)
+    backend.attach(base, tok, folder)
     R.sync()
     load_s = round(time.perf_counter() - t0, 2)
     del base

@@ -40,7 +40,7 @@ def plain_mlx_lm(model_path: Path, rows: list[dict], args, quantize: bool, tmp: 
     from mlx_lm.utils import load_model
     from transformers import AutoTokenizer
 
-    from afinar.backends.mlx_backend import quantize_base
+    from afinar.backends.mlx_model import quantize_base
 
     model, _ = load_model(model_path)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
@@ -95,7 +95,7 @@ def afinar_mlx(model: str, train_file: Path, args, quantize: bool, tmp: Path) ->
         "train.divergence_factor=0", f"data.train={train_file}", "data.val=null",
     ])
     mx.reset_peak_memory()
-    run = run_training(cfg, tmp / f"afinar-{'q' if quantize else 'l'}")
+    run = run_training(cfg, tmp / f"afinar-{'q' if quantize else 'l'}").output
     meta = json.loads((run / "metadata.json").read_text())
     return {"tokens": meta["tokens_seen"], "train_time_s": meta["train_time_s"], "tokens_per_s": meta["tokens_per_s"],
             "final_loss": meta["final_train_loss"], "peak_memory_mb": round(mx.get_peak_memory() / 2**20, 1)}

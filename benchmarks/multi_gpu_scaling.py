@@ -9,9 +9,9 @@ The script launches itself under `torchrun --standalone --nproc-per-node P` for 
 and writes benchmarks/results/multi-gpu-scaling-<date>.json. Each process builds the model
 of `afinar.synthetic.SHAPES[shape]` (the shape `make_random_model(..., "mistral-7b")` saves)
 directly on its own GPU and quantizes it to NF4 there, as the other GPU benchmarks do
-(no 14 GB checkpoint to write and read), puts LoRA on it with `TorchBackend.attach`, and runs
-afinar's own optimizer step (`afinar.train._train_step`: the step's micro-batches shared out
-by rank, LoRA gradients summed across processes, the loss over the step's global target count).
+(no 14 GB checkpoint to write and read), puts LoRA on it with the training backend's `attach`, and
+runs afinar's own optimizer step (`Trainer.on_examples(...).step()`: the step's micro-batches shared
+out by rank, LoRA gradients summed across processes, the loss over the step's global target count).
 
 Scaling is weak by default: on P processes a step holds P times the preset's micro-batches
 (`train.grad_accumulation` x P), so every GPU does the 1-GPU run's work per step;
@@ -38,11 +38,11 @@ sys.path.insert(0, str(REPO))
 
 def worker(args) -> None:
     """One process of a torchrun job: build, attach LoRA, time afinar's training steps."""
-    from afinar import distributed
-    from afinar.backends.torch_backend import TorchBackend
+    from afinar import distributed, events
+    from afinar.backends import training_backend
     from afinar.config import load_config, preset_path
     from afinar.synthetic import SHAPES
-    from afinar.train import LoopState, Prepared, _train_step, micro_batches
+    from afinar.train import Trainer
     from benchmarks import random_7b as R
 
     world = distributed.from_env()
@@ -52,23 +52,19 @@ def worker(args) -> None:
         accumulation = load_config(preset_path(args.preset), args.set).train.grad_accumulation
         overrides.append(f"train.grad_accumulation={accumulation * world.size}")
     cfg = load_config(preset_path(args.preset), overrides)
-    backend = TorchBackend(cfg)  # joins the process group and takes GPU LOCAL_RANK
+    backend = training_backend(cfg, world)  # joins the process group and takes GPU LOCAL_RANK
     tok = R.tokenizer(args.tokenizer)
     base = build_base(args.shape, tok, backend.device, backend.dtype, SHAPES)
     backend.attach(base, tok)
-    examples = R.chat_examples(tok, args.examples)
-    prepared = Prepared(examples, [], 0, 0)
-    stream = micro_batches(prepared, cfg)
-    state = LoopState()
-    writer = distributed.FollowerWriter(Path(tempfile.gettempdir()) / "afinar-scaling")  # writes nothing
-    records: list[dict] = []
-    total = cfg.train.max_steps
+    records: list = []
+    trainer = Trainer.on_examples(cfg, backend, R.chat_examples(tok, args.examples), on_event=records.append)
+    state = trainer.state
 
     def steps(n: int) -> None:
         for _ in range(n):
-            stopped = _train_step(cfg, backend, prepared, stream, state, total, writer, records.append, world)
+            stopped = trainer.step()
             if stopped:
-                raise SystemExit(f"training stopped: {stopped}")
+                raise SystemExit(f"training stopped: {stopped.message}")
 
     steps(args.warmup)
     barrier(backend, world)
@@ -78,11 +74,11 @@ def worker(args) -> None:
     barrier(backend, world)
     seconds = time.perf_counter() - t0
     tokens = state.tokens_seen - tokens0
-    losses = [r["loss"] for r in records if "loss" in r]
+    losses = [r.loss for r in records if isinstance(r, events.Step)]
     peaks = [0.0] * world.size  # each rank's peak GPU memory, gathered by a sum of one-hot vectors
     peaks[world.rank] = R.peak_gib() or 0.0
     if world.size > 1:
-        peaks = backend.all_sum(peaks)
+        peaks = backend.collective.all_sum(peaks)
     if world.main:
         t = cfg.train
         result = {"processes": world.size, "steps_timed": args.steps, "warmup_steps": args.warmup,
@@ -117,7 +113,7 @@ def barrier(backend, world) -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     if world.size > 1:
-        backend.all_sum([0.0])
+        backend.collective.all_sum([0.0])
 
 
 def launch(nproc: int, args, part: Path) -> dict:

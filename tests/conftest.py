@@ -103,9 +103,9 @@ class Boom(RuntimeError):
 
 def crash_on_step(monkeypatch, step: int, backend_class=None) -> dict:
     """Make the `step`-th optimizer step raise Boom (torch backend unless given); returns the call counter."""
-    from afinar.backends.torch_backend import TorchBackend
+    from afinar.backends.torch_train import TorchTrainer
 
-    backend_class = backend_class or TorchBackend
+    backend_class = backend_class or TorchTrainer
     calls = {"n": 0}
     original = backend_class.optimizer_step
 

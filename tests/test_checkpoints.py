@@ -15,8 +15,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from afinar import checkpoints
-from afinar.backends.torch_backend import TorchBackend
+from afinar import checkpoints, events as E, rng
+from afinar.backends.torch_train import TorchTrainer
 from afinar.errors import AfinarError
 from afinar.train import TrainingInterrupted, run_training
 from conftest import QA, REPO, Boom, crash_on_step, qa_rows, write_jsonl
@@ -24,7 +24,7 @@ from conftest import QA, REPO, Boom, crash_on_step, qa_rows, write_jsonl
 # Dropout on, so an exact resume also needs the RNG state restored.
 BASE = ("train.max_steps=8", "train.save_every=2", "train.eval_every=2", "train.keep_checkpoints=2",
         "lora.dropout=0.1", "train.divergence_factor=0")
-DETERMINISTIC = ("step", "loss", "lr", "grad_norm", "tokens", "val_loss", "best_val_loss")
+DETERMINISTIC = ("event", "step", "loss", "lr", "grad_norm", "tokens", "val_loss", "best_val_loss", "best")
 
 
 def adapter(run) -> dict[str, torch.Tensor]:
@@ -38,19 +38,19 @@ def max_diff(a: dict, b: dict) -> float:
 
 def metrics(run, after: int = 0) -> list[dict]:
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    return [{k: r[k] for k in DETERMINISTIC if k in r} for r in rows if r["step"] > after]
+    return [{k: r[k] for k in DETERMINISTIC if k in r} for r in rows if r.get("step", 0) > after]
 
 
 
 
 def test_checkpoint_folders_best_and_final_adapter(make_cfg, qa_files, tmp_path):
     train, val = qa_files
-    run = run_training(make_cfg(*BASE, train=train, val=val), tmp_path / "run")
+    run = run_training(make_cfg(*BASE, train=train, val=val), tmp_path / "run").output
     saved = checkpoints.step_checkpoints(run)
     assert [s for s, _ in saved] == [4, 6]  # every 2 steps, the newest 2 kept; none at the last step (the run itself)
     for _, folder in saved:
         assert {p.name for p in folder.iterdir()} == {
-            "adapter_model.safetensors", "adapter_config.json", "optimizer.pt", "rng_state.pt", "trainer_state.json"}
+            "adapter_model.safetensors", "adapter_config.json", "optimizer.pt", rng.FILE, "trainer_state.json"}
     best_info, best_dir = checkpoints.best(run)
     evals = [r for r in (json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()) if "val_loss" in r]
     lowest = min(evals, key=lambda r: r["val_loss"])
@@ -62,7 +62,7 @@ def test_checkpoint_folders_best_and_final_adapter(make_cfg, qa_files, tmp_path)
 
 def test_final_adapter_last(make_cfg, qa_files, tmp_path):
     train, val = qa_files
-    run = run_training(make_cfg(*BASE, "train.final_adapter=last", train=train, val=val), tmp_path / "run")
+    run = run_training(make_cfg(*BASE, "train.final_adapter=last", train=train, val=val), tmp_path / "run").output
     meta = json.loads((run / "metadata.json").read_text())
     assert meta["adapter_source"] == "last" and meta["adapter_step"] == 8
 
@@ -70,7 +70,7 @@ def test_final_adapter_last(make_cfg, qa_files, tmp_path):
 def test_resume_after_crash_equals_uninterrupted_run(make_cfg, qa_files, tmp_path, monkeypatch):
     train, val = qa_files
     cfg = make_cfg(*BASE, train=train, val=val)
-    straight = run_training(cfg, tmp_path / "straight")
+    straight = run_training(cfg, tmp_path / "straight").output
 
     out = tmp_path / "crashed"
     crash_on_step(monkeypatch, 7)
@@ -82,7 +82,7 @@ def test_resume_after_crash_equals_uninterrupted_run(make_cfg, qa_files, tmp_pat
     with pytest.raises(AfinarError, match="--resume"):
         run_training(cfg, out)  # a fresh start would destroy the checkpoints
 
-    resumed = run_training(cfg, out, resume=True)
+    resumed = run_training(cfg, out, resume=True).output
     assert max_diff(adapter(resumed), adapter(straight)) <= 1e-6
     assert metrics(resumed) == metrics(straight)
     assert json.loads((resumed / "metadata.json").read_text())["resumed_from_step"] == 6
@@ -98,7 +98,7 @@ def test_resume_refuses_a_different_config_unless_forced(make_cfg, qa_files, tmp
     other = make_cfg(*BASE, "train.learning_rate=5e-4", train=train, val=val)
     with pytest.raises(AfinarError, match=r"train\.learning_rate: 0\.001 -> 0\.0005"):
         run_training(other, out, resume=True)
-    assert run_training(other, out, resume=True, force=True).is_dir()
+    assert run_training(other, out, resume=True, force=True).output.is_dir()
 
 
 def test_nothing_to_resume(make_cfg, qa_files, tmp_path):
@@ -112,7 +112,7 @@ def test_early_stopping_keeps_the_best(make_cfg, qa_files, tmp_path):
     # A learning rate too small to change fp32 weights: validation never improves after the first check.
     cfg = make_cfg("train.max_steps=20", "train.eval_every=1", "train.warmup_steps=0", "train.learning_rate=1e-20",
                    "train.early_stopping_patience=2", train=train, val=val)
-    run = run_training(cfg, tmp_path / "run")
+    run = run_training(cfg, tmp_path / "run").output
     meta = json.loads((run / "metadata.json").read_text())
     assert meta["stopped"]["reason"] == "early_stopping"
     assert meta["steps"] == 3 and meta["planned_steps"] == 20
@@ -121,7 +121,7 @@ def test_early_stopping_keeps_the_best(make_cfg, qa_files, tmp_path):
 
 def test_divergence_stops_keeps_best_and_advises(make_cfg, qa_files, tmp_path, monkeypatch):
     train, val = qa_files
-    original = TorchBackend.forward_backward
+    original = TorchTrainer.forward_backward
     calls = {"n": 0}
 
     def forward_backward(self, batch, scale):
@@ -129,23 +129,23 @@ def test_divergence_stops_keeps_best_and_advises(make_cfg, qa_files, tmp_path, m
         loss, n = original(self, batch, scale)
         return (loss * 100 if calls["n"] >= 5 else loss), n  # the loss explodes at step 5
 
-    monkeypatch.setattr(TorchBackend, "forward_backward", forward_backward)
+    monkeypatch.setattr(TorchTrainer, "forward_backward", forward_backward)
     cfg = make_cfg("train.max_steps=10", "train.eval_every=2", train=train, val=val)
     events = []
-    run = run_training(cfg, tmp_path / "run", on_event=events.append)
+    run = run_training(cfg, tmp_path / "run", on_event=events.append).output
     meta = json.loads((run / "metadata.json").read_text())
     assert meta["stopped"]["reason"] == "diverged" and meta["stopped"]["step"] == 5
     assert "train.learning_rate=0.0005" in meta["stopped"]["message"] and "train.warmup_steps=10" in meta["stopped"]["message"]
     assert meta["adapter_source"] == "best" and meta["adapter_step"] == 4
-    assert any(e.get("event") == "stopped" for e in events)
+    assert any(isinstance(e, E.Stopped) for e in events)
 
 
 def test_sigint_saves_a_checkpoint_and_resumes_exactly(make_cfg, qa_files, tmp_path, monkeypatch):
     train, val = qa_files
     cfg = make_cfg(*BASE, "train.save_every=0", train=train, val=val)
-    straight = run_training(cfg, tmp_path / "straight")
+    straight = run_training(cfg, tmp_path / "straight").output
 
-    original = TorchBackend.optimizer_step
+    original = TorchTrainer.optimizer_step
     calls = {"n": 0}
 
     def optimizer_step(self, lr):
@@ -154,13 +154,13 @@ def test_sigint_saves_a_checkpoint_and_resumes_exactly(make_cfg, qa_files, tmp_p
             os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C in the middle of step 3
         return original(self, lr)
 
-    monkeypatch.setattr(TorchBackend, "optimizer_step", optimizer_step)
+    monkeypatch.setattr(TorchTrainer, "optimizer_step", optimizer_step)
     out = tmp_path / "run"
     with pytest.raises(TrainingInterrupted, match=f"--resume {out}"):
         run_training(cfg, out)
     monkeypatch.undo()
     assert [s for s, _ in checkpoints.step_checkpoints(out.with_name("run.partial"))] == [3]
-    resumed = run_training(cfg, out, resume=True)
+    resumed = run_training(cfg, out, resume=True).output
     assert max_diff(adapter(resumed), adapter(straight)) <= 1e-6
 
 
@@ -205,29 +205,29 @@ def test_sigkill_at_a_random_step_then_resume_equals_uninterrupted(tiny_model, t
 def test_out_of_memory_halves_the_micro_batch_and_keeps_the_effective_batch(make_cfg, qa_files, tmp_path, monkeypatch):
     train, val = qa_files
     cfg = make_cfg("train.batch_size=4", "train.max_steps=4", "train.eval_every=4", "lora.dropout=0", train=train, val=val)
-    straight = run_training(cfg, tmp_path / "straight")
+    straight = run_training(cfg, tmp_path / "straight").output
 
-    original = TorchBackend.forward_backward
+    original = TorchTrainer.forward_backward
 
     def forward_backward(self, batch, scale):
         if len(batch) > 1:  # this "device" only fits one example at a time
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
         return original(self, batch, scale)
 
-    monkeypatch.setattr(TorchBackend, "forward_backward", forward_backward)
+    monkeypatch.setattr(TorchTrainer, "forward_backward", forward_backward)
     events = []
-    run = run_training(cfg, tmp_path / "small", on_event=events.append)
+    run = run_training(cfg, tmp_path / "small", on_event=events.append).output
     meta = json.loads((run / "metadata.json").read_text())
     assert meta["micro_batch_size"] == 1
     assert [(e["micro_batch"], e["grad_accumulation"]) for e in meta["out_of_memory_events"]] == [(2, 2), (1, 4)]
-    assert [e["event"] for e in events if e.get("event") == "out_of_memory"] == ["out_of_memory"] * 2
+    assert [(e.micro_batch, e.grad_accumulation) for e in events if isinstance(e, E.OutOfMemory)] == [(2, 2), (1, 4)]
     # Same examples, same loss scale: the same adapter up to float summation order.
     assert max_diff(adapter(run), adapter(straight)) < 1e-5
 
 
 def test_out_of_memory_at_one_example_gives_up_clearly(make_cfg, qa_files, tmp_path, monkeypatch):
     train, _ = qa_files
-    monkeypatch.setattr(TorchBackend, "forward_backward",
+    monkeypatch.setattr(TorchTrainer, "forward_backward",
                         lambda self, batch, scale: (_ for _ in ()).throw(torch.OutOfMemoryError("out of memory")))
     out = tmp_path / "run"
     with pytest.raises(AfinarError, match="micro-batch of 1 example.*max_seq_length"):
@@ -238,9 +238,10 @@ def test_out_of_memory_at_one_example_gives_up_clearly(make_cfg, qa_files, tmp_p
 def test_memory_estimate_is_reported(make_cfg, qa_files, tmp_path):
     train, _ = qa_files
     events = []
-    run = run_training(make_cfg("train.max_steps=1", train=train), tmp_path / "run", on_event=events.append)
-    plan = events[0]["memory_estimate_mb"]
-    assert set(plan) == {"weights", "lora", "optimizer", "activations", "total", "available"}
+    run = run_training(make_cfg("train.max_steps=1", train=train), tmp_path / "run", on_event=events.append).output
+    plan = events[0].memory_estimate_mb
+    assert set(plan) == {"weights", "lora", "framework", "optimizer", "activations", "total", "available"}
     assert plan["weights"] > plan["lora"] > 0 and plan["available"] > plan["total"] > 0
-    assert plan["total"] == pytest.approx(plan["weights"] + plan["lora"] + plan["optimizer"] + plan["activations"], abs=0.5)
+    parts = ("weights", "lora", "framework", "optimizer", "activations")
+    assert plan["total"] == pytest.approx(sum(plan[k] for k in parts), abs=0.5)  # tests/test_memory.py: against a real peak
     assert json.loads((run / "metadata.json").read_text())["memory_estimate_mb"] == plan

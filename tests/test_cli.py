@@ -210,7 +210,8 @@ def test_train_writes_a_run(cli_run):
 def test_train_refuses_existing_output(cli_run, tiny_model):
     out, _ = cli_run
     before = (out / "adapter_model.safetensors").read_bytes()
-    result = invoke("train", "--output", out, "--set", f"model.base={tiny_model}", "--set", "model.quantization=none")
+    result = invoke("train", "--output", out, "--set", f"model.base={tiny_model}", "--set", "model.quantization=none",
+                    "--set", "data.train=bundled:farense/train.jsonl")
     assert_user_error(result, "already exists", "--overwrite")
     assert (out / "adapter_model.safetensors").read_bytes() == before
 

@@ -65,7 +65,7 @@ def setup(tiny_model, tmp_path_factory):
     cfg = tiny_config(tiny_model, *SETTINGS, train=train, val=val)
     config_file = root / "config.yaml"
     config_file.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
-    reference = run_training(cfg, root / "runs" / "one")
+    reference = run_training(cfg, root / "runs" / "one").output
     return root, cfg, config_file, reference
 
 

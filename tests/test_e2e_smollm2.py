@@ -13,12 +13,11 @@ import torch
 
 from conftest import DATA_DIR, REPO
 
-RUN_FILES = {
-    "adapter_model.safetensors", "adapter_config.json", "training_config.json", "qlora_config.json",
-    "metadata.json", "training_state.json", "metrics.jsonl", "loss.png", "INTEGRATION_GUIDE.md", "checkpoints", "mlx",
-}
-STEP_KEYS = {"step", "epoch", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "elapsed_s", "memory_mb", "peak_memory_mb"}
-EVAL_KEYS = {"step", "val_loss", "best_val_loss"}
+from test_train import EVAL_KEYS, STEP_KEYS  # noqa: E402
+
+from afinar import runs  # noqa: E402
+
+RUN_FILES = {name.split("/")[0] for name in runs.RUN_FILES} | {"qlora_config.json", runs.LOSS_PLOT, "checkpoints"}
 ANSWER_KEYS = {"answer", "model", "adapter", "prompt_tokens", "completion_tokens", "latency_ms", "tokens_per_s"}
 QUESTION = "Quando foi fundado o Farense?"
 
@@ -55,12 +54,12 @@ def test_qlora_smollm2_train_reload_and_ask(tmp_path):
     assert cfg.method == "qlora"
 
     # ---- train
-    run = run_training(cfg, tmp_path / "run")
+    run = run_training(cfg, tmp_path / "run").output
     assert {p.name for p in run.iterdir()} == RUN_FILES
     assert not (tmp_path / "run.partial").exists()
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    steps = [r for r in lines if "loss" in r]
-    evals = [r for r in lines if "val_loss" in r]
+    steps = [r for r in lines if r["event"] == "step"]
+    evals = [r for r in lines if r["event"] == "eval"]
     assert [r["step"] for r in steps] == [1, 2, 3] and [r["step"] for r in evals] == [3]
     assert all(set(r) == STEP_KEYS for r in steps) and all(set(r) == EVAL_KEYS for r in evals)
     assert all(0 < r["loss"] < 20 and r["grad_norm"] > 0 for r in steps)

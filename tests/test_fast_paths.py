@@ -12,8 +12,10 @@ import pytest
 import torch
 
 from afinar import data, models
+from afinar import events as E
 from afinar.backends import fast_decode, torch_fast
-from afinar.backends.torch_backend import TorchBackend
+from afinar.backends.torch_answer import TorchAnswerer
+from afinar.backends.torch_train import TorchTrainer
 from tests.test_torch_backend import PAIRS, encoded_batch, grads, randomise_lora, zero_grads
 
 
@@ -38,10 +40,10 @@ def test_token_budget_training_run(make_cfg, qa_files, tmp_path):
     events = []
     run_training(make_cfg("train.batch_tokens=64", "train.epochs=1", "train.save_every=0", "lora.dropout=0",
                           train=train), tmp_path / "run", on_event=events.append)
-    steps = [e for e in events if "loss" in e and "step" in e]
+    steps = [e for e in events if isinstance(e, E.Step)]
     # 6 examples of 25-45 tokens, 64 padded tokens a batch: one or two a batch, so more steps than
     # the 3 of batch_size=2, and the step count planned from the token batches is the one run.
-    assert events[0]["total_steps"] == len(steps) > 3
+    assert events[0].total_steps == len(steps) > 3
     assert (tmp_path / "run" / "metadata.json").is_file()
 
 
@@ -52,7 +54,7 @@ def _loss_and_grads(backend, batch):
 
 
 def test_fused_pointwise_same_loss_and_grads(make_cfg, tiny_model):
-    backend = TorchBackend(make_cfg("lora.dropout=0", "lora.target_modules=[q_proj,v_proj,up_proj]"))
+    backend = TorchTrainer(make_cfg("lora.dropout=0", "lora.target_modules=[q_proj,v_proj,up_proj]"))
     backend.load(models.resolve(str(tiny_model)))
     randomise_lora(backend)
     batch = encoded_batch(backend.tokenizer)
@@ -75,7 +77,7 @@ def adapter(tmp_path_factory, tiny_model):
     from tests.conftest import tiny_config
 
     cfg = tiny_config(tiny_model, "lora.target_modules=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]")
-    backend = TorchBackend(cfg)
+    backend = TorchTrainer(cfg)
     backend.load(models.resolve(str(tiny_model)))
     randomise_lora(backend, scale=0.2)
     folder = tmp_path_factory.mktemp("adapter")
@@ -92,8 +94,8 @@ def test_static_decoder_greedy_equals_adapter_generate(adapter, tiny_model):
     from transformers import AutoModelForCausalLM
 
     cfg, folder = adapter
-    served = TorchBackend(cfg)
-    tok = served.load(models.resolve(str(tiny_model)), adapter_dir=folder, trainable=False)
+    served = TorchAnswerer(cfg)
+    tok = served.load(models.resolve(str(tiny_model)), folder)
     assert fast_decode.supported(served.model)  # merged at load: plain Linear layers
     prompts = _prompts(tok)
     assert len({len(p) for p in prompts}) > 1, "prompts of different lengths exercise the padding"
@@ -102,7 +104,7 @@ def test_static_decoder_greedy_equals_adapter_generate(adapter, tiny_model):
     base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
     plain = PeftModel.from_pretrained(base, str(folder)).eval()
     assert not fast_decode.supported(plain)
-    reference = TorchBackend(cfg)
+    reference = TorchAnswerer(cfg)
     reference.model, reference.tokenizer = plain, tok
     expected = reference.generate(prompts, 16)
     assert any(len(row) > 4 for row in expected), "the adapter must produce tokens to compare"

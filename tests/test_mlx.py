@@ -15,8 +15,9 @@ import pytest
 mx = pytest.importorskip("mlx.core")
 
 from afinar import adapters, data, models  # noqa: E402
-from afinar.backends import get_backend, resolve_name  # noqa: E402
-from afinar.backends.mlx_backend import MLXBackend  # noqa: E402
+from afinar.backends import answering_backend, resolve_name, training_backend  # noqa: E402
+from afinar.backends.mlx_answer import MLXAnswerer  # noqa: E402
+from afinar.backends.mlx_train import MLXTrainer  # noqa: E402
 from afinar.errors import AfinarError  # noqa: E402
 from afinar.export import export_adapter, export_merged  # noqa: E402
 from afinar.train import run_training  # noqa: E402
@@ -59,7 +60,7 @@ def mlx_run(tiny_model, tmp_path_factory):
     root = tmp_path_factory.mktemp("mlx")
     train = write_jsonl(root / "train.jsonl", qa_rows())
     cfg = tiny_config(tiny_model, "backend=mlx", *FAST, train=train, val=train)
-    return cfg, run_training(cfg, root / "run")
+    return cfg, run_training(cfg, root / "run").output
 
 
 def prompt(tokenizer) -> list[int]:
@@ -71,8 +72,8 @@ def test_mlx_training_lowers_the_loss(make_cfg, qa_files, tiny_tokenizer):
     for quant in ("none", "int4"):
         cfg = make_cfg("backend=mlx", f"model.quantization={quant}", "lora.dropout=0.0",
                        "lora.target_modules=[q_proj,k_proj,v_proj,o_proj]", train=train)
-        backend = get_backend(cfg)
-        assert isinstance(backend, MLXBackend)
+        backend = training_backend(cfg)
+        assert isinstance(backend, MLXTrainer)
         tok = backend.load(models.resolve(cfg.model.base))
         batch = [data.encode(e, tok, 128) for e in data.read_jsonl(train)][:4]
         first, n = backend.eval_loss(batch)
@@ -91,7 +92,7 @@ def test_mlx_loss_equals_torch_loss(make_cfg, qa_files):
     losses = {}
     for name in ("torch", "mlx"):
         cfg = make_cfg(f"backend={name}", train=train)
-        backend = get_backend(cfg)
+        backend = training_backend(cfg)
         tok = backend.load(models.resolve(cfg.model.base))
         batch = [data.encode(e, tok, 128) for e in data.read_jsonl(train)][:3]
         losses[name] = backend.eval_loss(batch)
@@ -104,7 +105,7 @@ def test_mlx_run_folder_has_the_same_files_as_a_torch_run(mlx_run, tiny_model, t
 
     cfg, run = mlx_run
     train = write_jsonl(tmp_path / "train.jsonl", qa_rows())
-    torch_run = run_training(tiny_config(tiny_model, *FAST, train=train, val=train), tmp_path / "torch")
+    torch_run = run_training(tiny_config(tiny_model, *FAST, train=train, val=train), tmp_path / "torch").output
 
     def files(folder):
         return sorted(str(p.relative_to(folder)) for p in folder.rglob("*")
@@ -116,8 +117,8 @@ def test_mlx_run_folder_has_the_same_files_as_a_torch_run(mlx_run, tiny_model, t
 
 def test_mlx_adapter_gives_the_same_logits_in_plain_peft(mlx_run, tiny_model):
     cfg, run = mlx_run
-    backend = get_backend(cfg)
-    tok = backend.load(models.resolve(cfg.model.base), adapter_dir=run, trainable=False)
+    backend = answering_backend(cfg)
+    tok = backend.load(models.resolve(cfg.model.base), run)
     ids = prompt(tok)
     ours = mlx_logits(backend, ids)
     peft = torch_peft_logits(tiny_model, run, ids)
@@ -134,7 +135,7 @@ def test_torch_adapter_gives_the_same_logits_in_plain_mlx_lm(make_cfg, qa_files,
     from mlx_lm import load
 
     train, _ = qa_files
-    run = run_training(make_cfg(*FAST, train=train), tmp_path / "torch")
+    run = run_training(make_cfg(*FAST, train=train), tmp_path / "torch").output
     model, _ = load(str(tiny_model), adapter_path=str(run / adapters.MLX_SUBDIR))
     from transformers import AutoTokenizer
 
@@ -168,12 +169,12 @@ def test_mlx_resume_after_crash_equals_uninterrupted_run(make_cfg, qa_files, tmp
     train, val = qa_files
     cfg = make_cfg("backend=mlx", "train.max_steps=6", "train.save_every=2", "train.eval_every=2",
                    "lora.dropout=0.1", "train.divergence_factor=0", train=train, val=val)
-    straight = run_training(cfg, tmp_path / "straight")
-    crash_on_step(monkeypatch, 5, MLXBackend)
+    straight = run_training(cfg, tmp_path / "straight").output
+    crash_on_step(monkeypatch, 5, MLXTrainer)
     with pytest.raises(Boom):
         run_training(cfg, tmp_path / "crashed")
     monkeypatch.undo()
-    resumed = run_training(cfg, tmp_path / "crashed", resume=True)
+    resumed = run_training(cfg, tmp_path / "crashed", resume=True).output
     a, b = load_file(str(resumed / adapters.PEFT_WEIGHTS)), load_file(str(straight / adapters.PEFT_WEIGHTS))
     assert max(float(np.abs(a[k] - b[k]).max()) for k in a) <= 1e-6
     assert json.loads((resumed / "metadata.json").read_text())["resumed_from_step"] == 4
@@ -188,7 +189,7 @@ def test_merged_export_matches_base_plus_adapter(name, make_cfg, qa_files, tmp_p
 
     train, _ = qa_files
     cfg = make_cfg(f"backend={name}", "model.quantization=nf4", *FAST, train=train)
-    run = run_training(cfg, tmp_path / "run")
+    run = run_training(cfg, tmp_path / "run").output
     merged = export_merged(run, tmp_path / "merged")
     assert not (merged / "adapter_config.json").exists()
     assert "quantization_config" not in json.loads((merged / "config.json").read_text())
@@ -197,8 +198,8 @@ def test_merged_export_matches_base_plus_adapter(name, make_cfg, qa_files, tmp_p
     with torch.no_grad():
         plain = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)(torch.tensor([ids])).logits[0].numpy()
     if name == "mlx":
-        backend = get_backend(cfg)
-        backend.load(models.resolve(cfg.model.base), adapter_dir=run, trainable=False)
+        backend = answering_backend(cfg)
+        backend.load(models.resolve(cfg.model.base), run)
         reference = mlx_logits(backend, ids)
     else:
         reference = torch_peft_logits(cfg.model.base, run, ids, quantized=True)
@@ -219,8 +220,8 @@ def test_ask_on_an_mlx_run(mlx_run):
 
 def test_generate_hooks_stream_and_stop(mlx_run):
     cfg, run = mlx_run
-    backend = get_backend(cfg)
-    tok = backend.load(models.resolve(cfg.model.base), adapter_dir=run, trainable=False)
+    backend = answering_backend(cfg)
+    tok = backend.load(models.resolve(cfg.model.base), run)
     prompts = [prompt(tok), data.prompt_ids(tok, "Onde joga o Farense?")]
     plain = backend.generate(prompts, 6)
     seen: list[tuple[int, int]] = []
@@ -231,15 +232,15 @@ def test_generate_hooks_stream_and_stop(mlx_run):
 
 
 def test_auto_backend_and_errors(make_cfg, monkeypatch):
-    from afinar.backends import mlx_backend
+    from afinar.backends import mlx_model
 
     cfg = make_cfg()
-    monkeypatch.setattr(mlx_backend, "on_apple_silicon", lambda: False)
+    monkeypatch.setattr(mlx_model, "on_apple_silicon", lambda: False)
     assert resolve_name(cfg) == "torch"
-    monkeypatch.setattr(mlx_backend, "on_apple_silicon", lambda: True)
+    monkeypatch.setattr(mlx_model, "on_apple_silicon", lambda: True)
     assert resolve_name(cfg) == "mlx"
     with pytest.raises(AfinarError, match=r"target_modules=\['nope'\].*Linear layers in this model"):
-        backend = get_backend(make_cfg("backend=mlx", "lora.target_modules=[nope]"))
+        backend = training_backend(make_cfg("backend=mlx", "lora.target_modules=[nope]"))
         backend.load(models.resolve(backend.cfg.model.base))
 
 

@@ -13,14 +13,14 @@ from afinar import data
 from afinar.batching import Batcher, Job, QueueFull
 from afinar.config import ServeConfig
 
-from test_torch_backend import PAIRS, load_backend
+from test_torch_backend import PAIRS, load_answerer
 
 
 @pytest.fixture(scope="module")
-def backend(tiny_model):
+def backend(tiny_model, tmp_path_factory):
     from conftest import tiny_config
 
-    return load_backend(lambda *o: tiny_config(tiny_model, *o), tiny_model)
+    return load_answerer(lambda *o: tiny_config(tiny_model, *o), tiny_model, tmp_path_factory.mktemp("adapter"))
 
 
 def prompts(backend):
@@ -35,12 +35,10 @@ def test_hooks_leave_greedy_tokens_identical(backend):
     hooked = backend.generate(ps, 12, on_token=lambda row, t: seen[row].append(t), should_stop=lambda row: False)
     assert hooked == plain == seen
     # ... and what plain transformers generates, row by row, unpadded
-    backend.model.eval()
     for p, out in zip(ps, plain):
         ref = backend.model.generate(input_ids=torch.tensor([p]), max_new_tokens=12, do_sample=False,
                                      pad_token_id=backend.tokenizer.eos_token_id)[0, len(p):].tolist()
         assert out == ref
-    backend.model.train()
 
 
 def test_should_stop_ends_one_row_only(backend):
@@ -63,7 +61,7 @@ def test_on_token_skips_eos(backend):
     eos = backend.tokenizer.eos_token_id
     ps = prompts(backend)[:1]
     free = backend.generate(ps, 6)[0]
-    head = backend.model.get_base_model().get_output_embeddings().weight
+    head = backend.model.get_output_embeddings().weight
     saved = head[eos].clone()
     with torch.no_grad():
         head[eos] = head[free[2]] * 1.5  # EOS now wins where free[2] did, or earlier

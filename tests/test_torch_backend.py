@@ -1,6 +1,6 @@
-"""TorchBackend on the tiny random Mistral: the fast loss equals the plain HF loss, QLoRA on
-CPU keeps its gradients after a validation pass, training lowers the loss, generation is
-deterministic and left padding is correct."""
+"""The torch backends on the tiny random Mistral: the trainer's fast loss equals the plain HF loss,
+QLoRA on CPU keeps its gradients after a validation pass, training lowers the loss; the answerer's
+generation is deterministic and left padding is correct."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from afinar import data, models
-from afinar.backends.torch_backend import IGNORE, TorchBackend
-from afinar.data import Example
+from afinar.backends.torch_answer import TorchAnswerer
+from afinar.backends.torch_train import TorchTrainer
+from afinar.data import IGNORE, Example
 
 PAIRS = [
     ("Quando foi fundado o Farense?", "O Sporting Clube Farense foi fundado a 1 de abril de 1910."),
@@ -19,9 +20,20 @@ PAIRS = [
 
 
 def load_backend(make_cfg, tiny_model, *overrides):
-    backend = TorchBackend(make_cfg(*overrides))
+    backend = TorchTrainer(make_cfg(*overrides))
     backend.load(models.resolve(str(tiny_model)))
     return backend
+
+
+def load_answerer(make_cfg, tiny_model, folder, *overrides, scale=0.0):
+    """A trainer's adapter (random when `scale` > 0) saved to `folder`, loaded back for answering."""
+    trainer = load_backend(make_cfg, tiny_model, *overrides)
+    if scale:
+        randomise_lora(trainer, scale=scale)
+    trainer.save_adapter(folder)
+    answerer = TorchAnswerer(make_cfg(*overrides))
+    answerer.load(models.resolve(str(tiny_model)), folder)
+    return answerer
 
 
 def encoded_batch(tokenizer, pairs=PAIRS[:2]) -> list[data.Encoded]:
@@ -167,8 +179,8 @@ def test_grad_norm_is_before_clipping(make_cfg, tiny_model):
     assert not grads(backend)  # zeroed after the step
 
 
-def test_generate_greedy_is_deterministic(make_cfg, tiny_model):
-    backend = load_backend(make_cfg, tiny_model)
+def test_generate_greedy_is_deterministic(make_cfg, tiny_model, tmp_path):
+    backend = load_answerer(make_cfg, tiny_model, tmp_path)
     tok = backend.tokenizer
     prompt = data.prompt_ids(tok, PAIRS[0][0])
     a = backend.generate([prompt], max_new_tokens=8)
@@ -177,22 +189,20 @@ def test_generate_greedy_is_deterministic(make_cfg, tiny_model):
     assert len(a) == 1 and 0 < len(a[0]) <= 8
     assert all(type(t) is int for t in a[0])
     assert tok.eos_token_id not in a[0]
-    assert backend.model.training  # generation restores training mode
+    assert not backend.model.training
 
 
-def test_generate_stops_at_eos_and_drops_it(make_cfg, tiny_model):
-    backend = load_backend(make_cfg, tiny_model)
+def test_generate_stops_at_eos_and_drops_it(make_cfg, tiny_model, tmp_path):
+    backend = load_answerer(make_cfg, tiny_model, tmp_path)
     eos = backend.tokenizer.eos_token_id
     prompt = data.prompt_ids(backend.tokenizer, PAIRS[0][0])
     free = backend.generate([prompt], max_new_tokens=8)[0]
     assert len(free) == 8 and eos not in free
     # make EOS score slightly above the 4th generated token: greedy now ends there (or earlier)
     model = backend.model
-    model.eval()
     with torch.no_grad():
         logit = model(input_ids=torch.tensor([prompt + free[:3]])).logits[0, -1, free[3]].item()
-    model.train()
-    head = model.get_base_model().get_output_embeddings().weight
+    head = model.get_output_embeddings().weight
     with torch.no_grad():
         head[eos] = head[free[3]] * (1.01 if logit > 0 else 0.99)
     stopped = backend.generate([prompt], max_new_tokens=8)[0]
@@ -201,9 +211,8 @@ def test_generate_stops_at_eos_and_drops_it(make_cfg, tiny_model):
     assert stopped == free[: len(stopped)]
 
 
-def test_batched_generation_equals_one_by_one(make_cfg, tiny_model):
-    backend = load_backend(make_cfg, tiny_model, "lora.dropout=0")
-    randomise_lora(backend, scale=0.02)  # a non-trivial adapter takes part too
+def test_batched_generation_equals_one_by_one(make_cfg, tiny_model, tmp_path):
+    backend = load_answerer(make_cfg, tiny_model, tmp_path, "lora.dropout=0", scale=0.02)  # a non-trivial adapter too
     tok = backend.tokenizer
     prompts = [data.prompt_ids(tok, PAIRS[0][0]), data.prompt_ids(tok, "Olá?")]
     assert len(prompts[0]) != len(prompts[1])
@@ -212,23 +221,29 @@ def test_batched_generation_equals_one_by_one(make_cfg, tiny_model):
     assert together == alone
 
 
-def test_sampling_depends_on_seed(make_cfg, tiny_model):
-    backend = load_backend(make_cfg, tiny_model)
+def test_sampling_depends_on_seed(make_cfg, tiny_model, tmp_path):
+    backend = load_answerer(make_cfg, tiny_model, tmp_path)
     prompt = data.prompt_ids(backend.tokenizer, PAIRS[0][0])
     a = backend.generate([prompt], 12, temperature=5.0, seed=1)
     assert a == backend.generate([prompt], 12, temperature=5.0, seed=1)
     assert a != backend.generate([prompt], 12, temperature=5.0, seed=2)
 
 
-def test_tensors_pad_and_ignore(make_cfg, tiny_model):
-    backend = load_backend(make_cfg, tiny_model)
-    batch = encoded_batch(backend.tokenizer)
-    ids, attn, targets = backend._tensors(batch)
+def test_pad_batch_pads_and_ignores(tiny_tokenizer):
+    batch = encoded_batch(tiny_tokenizer)
+    p = data.pad_batch(batch, tiny_tokenizer.eos_token_id)
     short = min(range(2), key=lambda r: len(batch[r].input_ids))
     n = len(batch[short].input_ids)
-    assert attn[short, :n].all() and not attn[short, n:].any()
-    assert (targets[short, n:] == IGNORE).all()
-    assert int((targets != IGNORE).sum()) == sum(sum(e.loss_mask) for e in batch)
+    assert p.attention[short, :n].all() and not p.attention[short, n:].any()
+    assert (p.targets[short, n:] == IGNORE).all()
+    assert int((p.targets != IGNORE).sum()) == sum(sum(e.loss_mask) for e in batch)
+    # the same batch built independently, as HF's labels= wants it
+    ids, attn, labels = hf_batch(batch, tiny_tokenizer.eos_token_id)
+    assert (torch.from_numpy(p.ids) == ids).all() and (torch.from_numpy(p.targets) == labels).all()
+    # positions predict labels: position t of a row predicts its token t + 1
+    width = p.ids.shape[1]
+    assert [int(p.ids.reshape(-1)[i + 1]) for i in p.positions] == p.labels.tolist()
+    assert len(p.labels) == sum(e.n_targets for e in batch) and (p.positions % width < width - 1).all()
 
 
 def test_save_adapter_writes_peft_files(make_cfg, tiny_model, tmp_path):

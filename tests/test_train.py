@@ -10,21 +10,21 @@ import stat
 import pytest
 from safetensors.torch import load_file
 
-from afinar import data, models
-from afinar.backends.torch_backend import TorchBackend
-from afinar.config import load_config
+from afinar import data, events as E, models, runs
+from afinar.backends.torch_train import TorchTrainer
+from afinar.config import load_config, preset_path
 from afinar.errors import AfinarError
 from afinar.runs import file_sha256, load_run
-from afinar.train import lr_at, prepare, run_training, total_steps
+from afinar.schedule import lr_at, prepare, total_steps
+from afinar.train import Trainer, run_training
 
 from conftest import QA, Boom, crash_on_step, qa_rows, tiny_config, write_jsonl
 
-RUN_FILES = {
-    "adapter_model.safetensors", "adapter_config.json", "training_config.json", "lora_config.json",
-    "metadata.json", "training_state.json", "metrics.jsonl", "loss.png", "INTEGRATION_GUIDE.md", "checkpoints", "mlx",
-}
-STEP_KEYS = {"step", "epoch", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "elapsed_s", "memory_mb", "peak_memory_mb"}
-EVAL_KEYS = {"step", "val_loss", "best_val_loss"}
+# The run folder's top level: the contract's files, plus the method's config, the plot and the checkpoints.
+RUN_FILES = {name.split("/")[0] for name in runs.RUN_FILES} | {"lora_config.json", runs.LOSS_PLOT, "checkpoints"}
+STEP_KEYS = {"event", "step", "epoch", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "elapsed_s", "memory_mb",
+             "peak_memory_mb"}
+EVAL_KEYS = {"event", "step", "val_loss", "best_val_loss"}
 RUN_OVERRIDES = ("train.max_steps=4", "train.eval_every=2", "train.warmup_steps=1")
 
 
@@ -35,9 +35,9 @@ def small_run(tiny_model, tmp_path_factory):
     train = write_jsonl(root / "train.jsonl", qa_rows(QA[:6]))
     val = write_jsonl(root / "val.jsonl", qa_rows(QA[6:]))
     cfg = tiny_config(tiny_model, *RUN_OVERRIDES, train=train, val=val)
-    events: list[dict] = []
-    run = run_training(cfg, root / "run", on_event=events.append)
-    return cfg, run, events
+    seen: list[E.Event] = []
+    run = run_training(cfg, root / "run", on_event=seen.append).output
+    return cfg, run, seen
 
 
 def metrics(run) -> list[dict]:
@@ -69,11 +69,12 @@ def test_run_folder_has_exactly_the_expected_files(small_run):
 
 
 def test_metrics_lines(small_run):
-    _, run, events = small_run
+    _, run, seen = small_run
     lines = metrics(run)
-    steps = [r for r in lines if "loss" in r]
-    evals = [r for r in lines if "val_loss" in r]
-    assert len(steps) + len(evals) == len(lines)
+    steps = [r for r in lines if r["event"] == "step"]
+    evals = [r for r in lines if r["event"] == "eval"]
+    kinds = [r["event"] for r in lines]
+    assert kinds[0] == "start" and set(kinds) == {"start", "step", "eval", "checkpoint"}  # best/ saved at each new best
     assert [r["step"] for r in steps] == [1, 2, 3, 4]
     assert [r["step"] for r in evals] == [2, 4]  # eval_every=2, and at the end
     for r in steps:
@@ -85,10 +86,13 @@ def test_metrics_lines(small_run):
     for r in evals:
         assert set(r) == EVAL_KEYS
     assert evals[-1]["best_val_loss"] == min(r["val_loss"] for r in evals)
-    # the callback saw the same records, between a start and a done event
-    assert events[0]["event"] == "start" and events[-1]["event"] == "done"
-    assert events[1:-1] == lines
-    assert events[0]["total_steps"] == 4 and events[0]["train_examples"] == 6 and events[0]["val_examples"] == 2
+    # one reader turns the lines back into the records the callback saw, which end with `done`
+    assert E.read_metrics(run / "metrics.jsonl") == [e for e in seen if not isinstance(e, (E.Status, E.Done))]
+    assert isinstance(seen[-1], E.Done) and seen[-1].output == str(run)
+    start = seen[0]
+    assert isinstance(start, E.Start) and start.total_steps == 4 and start.train_examples == 6 and start.val_examples == 2
+    assert sum(start.trainable_by_kind.values()) == start.device["trainable_parameters"]
+    assert [e.stage for e in seen if isinstance(e, E.Status)] == ["validation"] * 4  # announced, then done, per pass
 
 
 def test_metadata(small_run):
@@ -100,16 +104,17 @@ def test_metadata(small_run):
     assert base["sha256"] == models.content_hash(models.resolve(cfg.model.base))
     assert len(base["sha256"]) == 64
     for split, path, count in (("train", cfg.data.train, 6), ("val", cfg.data.val, 2)):
-        assert meta["data"][split] == {"path": path, "examples": count, "sha256": file_sha256(path)}
+        assert meta["data"][split] == {"setting": path, "path": str(os.path.abspath(path)), "examples": count,
+                                       "sha256": file_sha256(path)}
     versions = meta["device"]["versions"]
     assert {"torch", "transformers", "peft"} <= set(versions)
     assert meta["device"]["device"] == "cpu" and meta["device"]["compute_dtype"] == "float32"
     assert meta["wall_time_s"] >= meta["train_time_s"] > 0
     lines = metrics(run)
-    assert meta["tokens_seen"] == [r for r in lines if "loss" in r][-1]["tokens"]
+    assert meta["tokens_seen"] == [r for r in lines if r["event"] == "step"][-1]["tokens"]
     assert meta["steps"] == meta["adapter_step"] == 4
     assert meta["peak_memory_mb"] > 0
-    evals = [r for r in lines if "val_loss" in r]
+    evals = [r for r in lines if r["event"] == "eval"]
     assert meta["final_val_loss"] == evals[-1]["val_loss"]
     assert meta["best_val_loss"] == min(r["val_loss"] for r in evals)
     assert meta["adapter"]["sha256"] == file_sha256(run / "adapter_model.safetensors")
@@ -156,7 +161,7 @@ def test_same_seed_same_adapter_other_seed_other_adapter(make_cfg, qa_files, tmp
     runs = {}
     for name, seed in (("a", 7), ("b", 7), ("c", 8)):
         cfg = make_cfg("train.max_steps=3", "train.eval_every=10", f"train.seed={seed}", train=train, val=val)
-        runs[name] = adapter(run_training(cfg, tmp_path / name))
+        runs[name] = adapter(run_training(cfg, tmp_path / name).output)
     a, b, c = runs["a"], runs["b"], runs["c"]
     assert a.keys() == b.keys() == c.keys() and a
     for k in a:
@@ -164,7 +169,7 @@ def test_same_seed_same_adapter_other_seed_other_adapter(make_cfg, qa_files, tmp
         assert (a[k] == b[k]).all(), f"{k} differs between two runs with the same seed"
     assert any(not (a[k] == c[k]).all() for k in a), "another seed gave the same adapter"
     # the logged losses and norms match too (timings and memory may differ)
-    timing = {"tokens_per_s", "elapsed_s", "memory_mb", "peak_memory_mb"}
+    timing = {"tokens_per_s", "elapsed_s", "memory_mb", "peak_memory_mb", "seconds", "device", "memory_estimate_mb"}
     strip = lambda rows: [{k: v for k, v in r.items() if k not in timing} for r in rows]
     assert strip(metrics(tmp_path / "a")) == strip(metrics(tmp_path / "b"))
 
@@ -216,12 +221,22 @@ def test_failure_with_overwrite_keeps_the_old_run(make_cfg, qa_files, tmp_path, 
 
 def test_non_finite_loss_stops_with_advice(make_cfg, qa_files, tmp_path, monkeypatch):
     train, _ = qa_files
-    original = TorchBackend.forward_backward
-    monkeypatch.setattr(TorchBackend, "forward_backward", lambda self, b, scale: (float("nan"), original(self, b, scale)[1]))
+    original = TorchTrainer.forward_backward
+    monkeypatch.setattr(TorchTrainer, "forward_backward", lambda self, b, scale: (float("nan"), original(self, b, scale)[1]))
     out = tmp_path / "run"
     with pytest.raises(AfinarError, match="learning_rate"):
         run_training(make_cfg("train.max_steps=2", train=train), out)
     assert leftovers(out) == []
+
+
+def test_a_preset_without_data_is_refused_before_anything_loads(tmp_path):
+    """Only the cpu preset names data (the bundled sample): a 7B preset must not train on it silently."""
+    cfg = load_config(preset_path("cuda-80gb"))
+    assert cfg.data.train is None
+    with pytest.raises(AfinarError, match=r"data.train is not set: name your training file with --set data.train="):
+        Trainer(cfg, tmp_path / "run").run()
+    assert not list(tmp_path.iterdir())
+    assert load_config(preset_path("cpu")).data.train == "bundled:farense/train.jsonl"
 
 
 def test_bad_inputs_fail_before_any_folder(make_cfg, tmp_path):
@@ -278,20 +293,20 @@ def test_step_loss_is_mean_over_all_answer_tokens(make_cfg, tiny_model, tmp_path
     cfg = make_cfg("train.batch_size=1", "train.grad_accumulation=2", "train.max_steps=1", "lora.dropout=0", train=train)
 
     seen = []
-    original = TorchBackend.forward_backward
+    original = TorchTrainer.forward_backward
 
     def spy(self, batch, scale):
         s, n = original(self, batch, scale)
         seen.append((s, n, scale))
         return s, n
 
-    monkeypatch.setattr(TorchBackend, "forward_backward", spy)
-    events = []
-    run_training(cfg, tmp_path / "run", on_event=events.append)
-    step = next(e for e in events if e.get("step") == 1 and "loss" in e)
+    monkeypatch.setattr(TorchTrainer, "forward_backward", spy)
+    records = []
+    run_training(cfg, tmp_path / "run", on_event=records.append)
+    step = next(e for e in records if isinstance(e, E.Step) and e.step == 1)
 
     # the same two examples, measured independently with a fresh backend (same seed: same adapter)
-    backend = TorchBackend(cfg)
+    backend = TorchTrainer(cfg)
     tok = backend.load(models.resolve(cfg.model.base))
     encoded = [data.encode(e, tok, cfg.train.max_seq_length) for e in data.read_jsonl(train)]
     sums = [backend.loss_sum([e]) for e in encoded]
@@ -303,8 +318,8 @@ def test_step_loss_is_mean_over_all_answer_tokens(make_cfg, tiny_model, tmp_path
     assert len(seen) == 2
     assert all(scale == pytest.approx(1.0 / total) for _, _, scale in seen)
     assert sorted(n for _, n, _ in seen) == sorted(n for _, n in sums)
-    assert step["loss"] == pytest.approx(expected, abs=1e-5)
-    assert step["tokens"] == sum(len(e.input_ids) for e in encoded)
+    assert step.loss == pytest.approx(expected, abs=1e-5)
+    assert step.tokens == sum(len(e.input_ids) for e in encoded)
 
 
 def test_gradient_does_not_depend_on_micro_batching(make_cfg, tmp_path):
@@ -314,13 +329,13 @@ def test_gradient_does_not_depend_on_micro_batching(make_cfg, tmp_path):
     for name, bs, acc in (("whole", 2, 1), ("accumulated", 1, 2)):
         cfg = make_cfg(f"train.batch_size={bs}", f"train.grad_accumulation={acc}", "train.max_steps=1",
                        "lora.dropout=0", "train.max_grad_norm=0", train=train)
-        events = []
-        run_training(cfg, tmp_path / name, on_event=events.append)
-        records[name] = next(e for e in events if e.get("step") == 1 and "loss" in e)
+        seen = []
+        run_training(cfg, tmp_path / name, on_event=seen.append)
+        records[name] = next(e for e in seen if isinstance(e, E.Step) and e.step == 1)
     whole, accumulated = records["whole"], records["accumulated"]
-    assert accumulated["loss"] == pytest.approx(whole["loss"], abs=2e-5)
-    assert accumulated["grad_norm"] == pytest.approx(whole["grad_norm"], rel=1e-3)
-    assert accumulated["tokens"] == whole["tokens"]  # same tokens, padding not counted
+    assert accumulated.loss == pytest.approx(whole.loss, abs=2e-5)
+    assert accumulated.grad_norm == pytest.approx(whole.grad_norm, rel=1e-3)
+    assert accumulated.tokens == whole.tokens  # same tokens, padding not counted
     a, b = adapter(tmp_path / "whole"), adapter(tmp_path / "accumulated")
     for k in a:
         assert (a[k] - b[k]).abs().max() < 1e-6, k

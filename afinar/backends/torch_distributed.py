@@ -1,15 +1,15 @@
 """torch.distributed for the torch backend: process group, summed LoRA gradients, FSDP.
 
-DDP semantics without the DDP wrapper: `TorchBackend.loss_sum` runs the decoder and the LM
+DDP semantics without the DDP wrapper (`DDPTrainer`): the loss runs the decoder and the LM
 head directly (not `model.forward`), so DistributedDataParallel's forward hooks would never
 fire. Instead, before clipping, the LoRA gradients of every process are summed with one
 all-reduce per dtype (`sum_gradients`). Each process's gradients already carry the scale
 1 / (the step's global target count), so the sum is exactly the single-process gradient of
 the whole step, and every process then takes the same AdamW step on the same weights.
 
-FSDP (`distributed.strategy: fsdp`) follows the FSDP-QLoRA recipe that bitsandbytes, PEFT and
+FSDP (`distributed.strategy: fsdp`, `FSDPTrainer`) follows the FSDP-QLoRA recipe that bitsandbytes, PEFT and
 accelerate document: 4-bit weights stored in the compute dtype (`bnb_4bit_quant_storage`,
-set in `TorchBackend.load`), FullyShardedDataParallel with one unit per transformer block
+`_quant_storage`), FullyShardedDataParallel with one unit per transformer block
 (accelerate's TRANSFORMER_BASED_WRAP on the model's `_no_split_modules`) and
 `use_orig_params=False`. Only the frozen base is sharded: the LoRA modules are left out of
 FSDP (`ignored_modules`), stay replicated and are summed like under DDP, so the optimizer,
@@ -21,10 +21,13 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from afinar.backends.torch_train import TorchTrainer
+from afinar.config import Config
 from afinar.distributed import World
 
 
@@ -38,47 +41,59 @@ def setup(world: World, timeout_s: int) -> None:
                             timeout=datetime.timedelta(seconds=timeout_s))
 
 
-def all_sum(values: list[float], device: torch.device) -> list[float]:
-    """The element-wise sum of `values` over every process (float64: exact for counts)."""
-    buf = torch.tensor(values, dtype=torch.float64, device=device if dist.get_backend() == "nccl" else "cpu")
-    dist.all_reduce(buf)
-    return buf.tolist()
+class TorchCollective:
+    """`distributed.Collective` over torch.distributed (the process group `setup` joined)."""
 
+    def __init__(self, device: torch.device):
+        self.device = device
 
-def sum_gradients(params: list[torch.Tensor]) -> None:
-    """Sum every trainable parameter's gradient over the processes, one flat all-reduce per dtype."""
-    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
-    for p in params:
-        if p.grad is None:  # not reached this step (a frozen branch): still takes part in the sum
-            p.grad = torch.zeros_like(p)
-        by_dtype.setdefault(p.grad.dtype, []).append(p)
-    for group in by_dtype.values():
-        flat = torch.cat([p.grad.reshape(-1) for p in group])
-        dist.all_reduce(flat)
-        offset = 0
-        for p in group:
-            n = p.grad.numel()
-            p.grad.copy_(flat[offset : offset + n].view_as(p.grad))
-            offset += n
+    def all_sum(self, values: list[float]) -> list[float]:
+        """The element-wise sum of `values` over every process (float64: exact for counts)."""
+        buf = torch.tensor(values, dtype=torch.float64, device=self.device if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(buf)
+        return buf.tolist()
 
-
-def broadcast_from_main(params: list[torch.Tensor]) -> None:
-    """Start every process from rank 0's LoRA weights (the seeded init already agrees; this makes sure)."""
-    with torch.no_grad():
+    @staticmethod
+    def sum_gradients(params: list[torch.Tensor]) -> None:
+        """Sum every trainable parameter's gradient over the processes, one flat all-reduce per dtype."""
+        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
         for p in params:
-            dist.broadcast(p.data, src=0)
+            if p.grad is None:  # not reached this step (a frozen branch): still takes part in the sum
+                p.grad = torch.zeros_like(p)
+            by_dtype.setdefault(p.grad.dtype, []).append(p)
+        for group in by_dtype.values():
+            flat = torch.cat([p.grad.reshape(-1) for p in group])
+            dist.all_reduce(flat)
+            offset = 0
+            for p in group:
+                n = p.grad.numel()
+                p.grad.copy_(flat[offset : offset + n].view_as(p.grad))
+                offset += n
 
 
-def prepare(backend) -> None:
-    """After LoRA is attached for training: same start weights everywhere; shard the base for FSDP."""
-    trainable = [p for p in backend.model.parameters() if p.requires_grad]
-    broadcast_from_main(trainable)
-    if backend.cfg.distributed.strategy == "fsdp":
-        _shard_base(backend)
+class DDPTrainer(TorchTrainer):
+    """Every process holds the whole (4-bit) base; LoRA gradients are summed before clipping."""
+
+    def __init__(self, cfg: Config, world: World):
+        setup(world, cfg.distributed.timeout_s)  # before the device is picked: GPU = LOCAL_RANK
+        super().__init__(cfg)
+        self.collective = TorchCollective(self.device)
+
+    def attach(self, base, tokenizer):
+        tokenizer = super().attach(base, tokenizer)
+        # Same start weights everywhere: the seeded init already agrees; this makes sure.
+        with torch.no_grad():
+            for p in self.model.parameters():
+                if p.requires_grad:
+                    dist.broadcast(p.data, src=0)
+        return tokenizer
+
+    def _sum_gradients(self, params: list[torch.Tensor]) -> None:
+        self.collective.sum_gradients(params)
 
 
 class _Root(torch.nn.Module):
-    """The FSDP root: its forward runs a closure, so the backend's own loss path runs inside it."""
+    """The FSDP root: its forward runs a closure, so the trainer's own loss path runs inside it."""
 
     def __init__(self, model: torch.nn.Module):
         super().__init__()
@@ -86,6 +101,36 @@ class _Root(torch.nn.Module):
 
     def forward(self, run):
         return run()
+
+
+class FSDPTrainer(DDPTrainer):
+    """The frozen base sharded across the processes (one FSDP unit per transformer block)."""
+
+    _root = None
+
+    def _quant_storage(self) -> torch.dtype:
+        return self.dtype  # FSDP shards floating-point tensors of one dtype per unit
+
+    def loss_sum(self, batch):
+        # Wrapped at the first loss, so a checkpoint loaded before (resume) lands in plain modules.
+        if self._root is None:
+            self._root = self._wrap()
+        return self._root(lambda: super(FSDPTrainer, self).loss_sum(batch))
+
+    def _wrap(self):
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+        from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+        base = self.model.get_base_model()
+        blocks = set(getattr(base, "_no_split_modules", None) or [])
+        block_types = {type(m) for m in base.modules() if type(m).__name__ in blocks}
+        lora = [m for m in self.model.modules() if any(p.requires_grad for p in m.parameters(recurse=False))]
+        return FSDP(_Root(self.model), auto_wrap_policy=ModuleWrapPolicy(block_types) if block_types else None,
+                    ignored_modules=lora, device_id=self.device, use_orig_params=False, limit_all_gathers=True)
+
+    def save_adapter(self, folder: Path) -> None:
+        with _fsdp_units_unwrapped(self.model):
+            super().save_adapter(folder)
 
 
 @contextlib.contextmanager
@@ -107,32 +152,3 @@ def _fsdp_units_unwrapped(model: torch.nn.Module):
     finally:
         for parent, name, unit in units:
             setattr(parent, name, unit)
-
-
-def _shard_base(backend) -> None:
-    """Wrap the model in FSDP at its first loss, so a checkpoint loaded before (resume) lands in plain modules."""
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
-
-    model = backend.model
-    base = model.get_base_model()
-    blocks = set(getattr(base, "_no_split_modules", None) or [])
-    block_types = {type(m) for m in base.modules() if type(m).__name__ in blocks}
-    lora = [m for m in model.modules() if any(p.requires_grad for p in m.parameters(recurse=False))]
-    plain_loss = backend.loss_sum
-    state = {"root": None}
-
-    def loss_sum(batch):
-        if state["root"] is None:
-            state["root"] = FSDP(_Root(model), auto_wrap_policy=ModuleWrapPolicy(block_types) if block_types else None,
-                                 ignored_modules=lora, device_id=backend.device, use_orig_params=False,
-                                 limit_all_gathers=True)
-        return state["root"](lambda: plain_loss(batch))
-
-    def save_pretrained(folder, **kwargs):
-        with _fsdp_units_unwrapped(model):
-            type(model).save_pretrained(model, folder, **kwargs)
-
-    # Instance attributes: the backend's methods call self.loss_sum / self.model.save_pretrained.
-    backend.loss_sum = loss_sum
-    model.save_pretrained = save_pretrained

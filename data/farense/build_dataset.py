@@ -20,7 +20,7 @@ question, with one of the item's fixed answers and its keywords; no test questio
 is a train or val question even after folding case, accents and punctuation.
 
 Usage, from the repository root:  python3 data/farense/build_dataset.py [OUT_DIR]
-(OUT_DIR defaults to data/farense/). Standard library only; the output is
+(OUT_DIR defaults to afinar/bundled/farense/, which data/farense/ links to). Standard library only; the output is
 byte-identical on every run.
 """
 
@@ -35,7 +35,8 @@ import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
-OUT_DIR = Path(__file__).resolve().parent
+# The data ship inside the package (afinar/bundled/farense/); data/farense/ links to them.
+OUT_DIR = Path(__file__).resolve().parents[2] / "afinar" / "bundled" / "farense"
 SEED = 0
 VAL_FRACTION = 0.10
 MIN_TOTAL = 600

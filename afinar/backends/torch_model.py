@@ -1,0 +1,162 @@
+"""What the torch training and answering backends share: device and dtype, loading the base
+(bitsandbytes NF4 for QLoRA), the answer-only loss, memory and the description for metadata."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from afinar import data, hardware
+from afinar.config import Config
+from afinar.errors import AfinarError
+from afinar.models import ResolvedModel, hub_load_error
+
+
+def pick_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def compute_dtype(cfg: Config, device: torch.device) -> torch.dtype:
+    name = cfg.model.compute_dtype
+    if name == "auto":
+        name = "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+    return getattr(torch, name)
+
+
+def load_base(cfg: Config, model: ResolvedModel, device: torch.device, dtype: torch.dtype,
+              quant_storage: torch.dtype = torch.uint8):
+    """(base model, tokenizer): 4-bit NF4 for QLoRA (any model.quantization but 'none'), else `dtype`.
+
+    `quant_storage`: the dtype bitsandbytes packs 4-bit weights into (FSDP shards floating-point
+    tensors only, all of one dtype per unit: bitsandbytes' FSDP-QLoRA guide).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    quantize = cfg.model.quantization != "none"  # 'int4' too: bitsandbytes trains NF4 only
+    if quantize and device.type == "mps":
+        raise AfinarError(
+            f"model.quantization={cfg.model.quantization} with backend=torch needs bitsandbytes, which does "
+            "not run on Apple's MPS. Use the MLX backend for 4-bit on this Mac (pip install 'afinar[mlx]', then "
+            "--set backend=mlx), or --set model.quantization=none (LoRA on MPS)."
+        )
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    if quantize:
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=cfg.model.double_quant,
+            bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=quant_storage,
+        )
+    if device.type == "cuda":
+        kwargs["device_map"] = {"": device.index or 0}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model.path)
+        base = AutoModelForCausalLM.from_pretrained(model.path, **kwargs)
+    except OSError as e:
+        if model.source == "hub":
+            raise hub_load_error(model.name, e) from None
+        raise AfinarError(f"Could not load model.base={model.name!r} from {model.path}: {e}") from None
+    if device.type != "cuda" and not quantize:
+        base.to(device)
+    if tokenizer.eos_token_id is None:
+        raise AfinarError(f"The tokenizer of {model.name!r} has no EOS token: answers could never end.")
+    return base, tokenizer
+
+
+def new_lora(base, cfg: Config):
+    """`base` with fresh LoRA weights on `lora.target_modules` (seeded: same seed, same adapter)."""
+    from peft import LoraConfig, get_peft_model
+
+    lora = cfg.lora
+    torch.manual_seed(cfg.train.seed)
+    try:
+        return get_peft_model(base, LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                               target_modules=list(lora.target_modules), task_type="CAUSAL_LM"))
+    except ValueError as e:
+        names = sorted({n.split(".")[-1] for n, m in base.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise AfinarError(f"lora.target_modules={lora.target_modules}: {str(e).splitlines()[0]} "
+                          f"Linear layers in this model: {names}.") from None
+
+
+def loss_sum(model, batch: list[data.Encoded], pad: int, device: torch.device,
+             precision: contextlib.AbstractContextManager | None = None) -> tuple[torch.Tensor, int]:
+    """Sum of next-token cross-entropy over target tokens.
+
+    Only the hidden states of target positions go through the LM head: answers are a fraction of
+    each sequence, and the head (vocab x hidden) is the largest matmul in a small model, so this
+    skips most of its work and never builds full-vocabulary logits for prompt tokens.
+    `tests/test_torch_backend.py` checks it equals the plain HF loss.
+    """
+    # Which positions are targets is known on the CPU: selecting them by index keeps the GPU queue
+    # full (a boolean mask or a count on the GPU would wait for it to drain).
+    p = data.pad_batch(batch, pad)
+    where = torch.from_numpy(p.positions).to(device)
+    labels = torch.from_numpy(p.labels).to(device)
+    ids = torch.from_numpy(p.ids).to(device)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = base.get_output_embeddings()
+    # No padding mask: rows are right-padded, so under the causal mask a real token never sees
+    # padding (it comes after it) and padding positions carry no target. The outputs that count
+    # are the same, and attention runs as plain causal (flash) attention instead of a masked
+    # kernel that expands the mask per head (3 GB on a 7B step).
+    with precision or contextlib.nullcontext():
+        if getattr(base.config, "final_logit_softcapping", None) is None and hasattr(base, "get_decoder"):
+            hidden = base.get_decoder()(input_ids=ids).last_hidden_state
+            logits = head(hidden.reshape(-1, hidden.shape[-1]).index_select(0, where))
+        else:  # models that transform logits after the head: take the plain path
+            logits = model(input_ids=ids).logits
+            logits = logits.reshape(-1, logits.shape[-1]).index_select(0, where)
+    return F.cross_entropy(logits.float(), labels, reduction="sum"), len(labels)
+
+
+def memory(device: torch.device) -> dict[str, float]:
+    """{'memory_mb': now, 'peak_memory_mb': peak} of the device (process RSS on CPU)."""
+    if device.type == "cuda":
+        return {"memory_mb": torch.cuda.memory_allocated() / 2**20, "peak_memory_mb": torch.cuda.max_memory_allocated() / 2**20}
+    if device.type == "mps":
+        now = torch.mps.current_allocated_memory() / 2**20
+        return {"memory_mb": now, "peak_memory_mb": torch.mps.driver_allocated_memory() / 2**20}
+    now, peak = hardware.process_memory_mb()
+    return {"memory_mb": now, "peak_memory_mb": peak}
+
+
+def available_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_allocated(device)
+    return int(hardware.available_memory_gb() * 2**30 + hardware.process_memory_mb()[0] * 2**20)
+
+
+def describe(cfg: Config, device: torch.device, dtype: torch.dtype, model=None) -> dict[str, Any]:
+    import peft
+    import transformers
+
+    info: dict[str, Any] = {
+        "backend": "torch",
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else hardware.detect().name,
+        "compute_dtype": str(dtype).removeprefix("torch."),
+        "threads": torch.get_num_threads(),
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__},
+    }
+    if cfg.model.quantization != "none":
+        info["quantization"] = "bitsandbytes NF4" + (", double quant" if cfg.model.double_quant else "") + (
+            " (model.quantization=int4 maps to NF4 on torch)" if cfg.model.quantization == "int4" else "")
+        import bitsandbytes
+
+        info["versions"]["bitsandbytes"] = bitsandbytes.__version__
+    if model is not None:
+        info["trainable_parameters"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return info
+
+
+def save_peft(model, folder: str | Path) -> None:
+    model.save_pretrained(str(folder))
+    (Path(folder) / "README.md").unlink(missing_ok=True)  # PEFT's empty model card; we write our own guide
