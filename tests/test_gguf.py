@@ -154,7 +154,7 @@ def test_f16_logits_tokenizer_and_chat_template_read_back(arch, hf_folder):
         assert rel_err(logits(default_theta, tok, PROMPTS[0]), logits(model, tok, PROMPTS[0])) > 20 * F16_REL
 
 
-@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])  # mistral q8_0: the CLI test below
 def test_q8_0_logits_read_back_and_tensor_types(arch, hf_folder):
     import gguf
     from transformers import AutoTokenizer
