@@ -276,21 +276,33 @@ def serve(
 @user_errors()
 def export(
     source: Annotated[Path, typer.Argument(help="A run folder, or an adapter folder (PEFT or mlx-lm).")],
-    to: Annotated[Optional[str], typer.Option("--to", help="Adapter format to write: 'peft' or 'mlx'.")] = None,
+    gguf_file: Annotated[Optional[Path], typer.Argument(metavar="OUT.gguf", help="With --to gguf: the GGUF file to write.")] = None,
+    to: Annotated[Optional[str], typer.Option("--to", help="'peft' or 'mlx' (adapter format), or 'gguf' (merged model as one GGUF file for llama.cpp / Ollama / LM Studio).")] = None,
     merged: Annotated[Optional[Path], typer.Option("--merged", help="Write base + adapter merged (dequantized, full precision) as a plain HF model folder here.")] = None,
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="With --to: the folder to write (default: SOURCE-peft or SOURCE-mlx).")] = None,
-    backend: Annotated[Optional[str], typer.Option(help="With --merged: 'torch' or 'mlx' (default: the run's backend).")] = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="With --to peft|mlx: the folder to write (default: SOURCE-peft or SOURCE-mlx).")] = None,
+    type_: Annotated[Optional[str], typer.Option("--type", help="With --to gguf: 'f16' (default) or 'q8_0' (about half the size).")] = None,
+    backend: Annotated[Optional[str], typer.Option(help="With --merged or --to gguf: 'torch' or 'mlx' (default: the run's backend).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder or file.")] = False,
 ):
-    """Convert an adapter between PEFT and mlx-lm, or merge it into its base for vLLM / transformers / mlx-lm."""
+    """Convert an adapter between PEFT and mlx-lm, merge it into its base for vLLM / transformers / mlx-lm, or write a GGUF."""
     from afinar import export as E
 
     if (to is None) == (merged is None):
-        raise AfinarError("Give --to peft|mlx (convert the adapter) or --merged OUT (merge into the base), one of them.")
+        raise AfinarError("Give --to peft|mlx (convert the adapter), --to gguf OUT.gguf (GGUF file) or --merged OUT (merge into the base), one of them.")
     if backend not in (None, "torch", "mlx"):
         raise AfinarError(f"--backend {backend!r}: choose 'torch' or 'mlx'.")
+    if (to == "gguf") != (gguf_file is not None):
+        raise AfinarError("--to gguf takes the file to write after the run: afinar export RUN --to gguf OUT.gguf "
+                          "(and only --to gguf takes that second argument).")
+    if type_ is not None and to != "gguf":
+        raise AfinarError("--type goes with --to gguf.")
     quiet_libraries()
-    if to is not None:
+    if to == "gguf":
+        if output is not None:
+            raise AfinarError("--output goes with --to peft|mlx; with --to gguf, give the file after the run: afinar export RUN --to gguf OUT.gguf")
+        path = E.export_gguf(source, gguf_file, type_ or "f16", overwrite, backend)
+        console.print(f"GGUF ({type_ or 'f16'}) written to {path} (llama-server -m {path} --jinja; Ollama: see docs/GUIDE.md)")
+    elif to is not None:
         path = E.export_adapter(source, to, output, overwrite)
         console.print(f"Adapter ({to}) written to {path}")
     else:

@@ -3,11 +3,14 @@
   --to peft|mlx   PEFT <-> mlx-lm adapter files (afinar/adapters.py; no framework needed)
   --merged OUT    base + adapter folded into one full-precision HF folder (config, safetensors,
                   tokenizer) that transformers, vLLM or mlx-lm load with no adapter code
+  --to gguf OUT   the merged model as one GGUF file for llama.cpp, Ollama, LM Studio (afinar/gguf_export.py)
 """
 
 from __future__ import annotations
 
+import json
 import shutil
+import tempfile
 from pathlib import Path
 
 from afinar import adapters, atomic, models
@@ -27,7 +30,7 @@ def export_adapter(source: str | Path, to: str, output: str | Path | None = None
     if not source.is_dir():
         raise AfinarError(f"{source}: no such folder. Pass a run folder or an adapter folder.")
     if to not in ("peft", "mlx"):
-        raise AfinarError(f"--to {to!r}: choose 'peft' or 'mlx'.")
+        raise AfinarError(f"--to {to!r}: choose 'peft' or 'mlx' (adapter formats), or 'gguf' (a merged GGUF file).")
     fmt = adapters.detect_format(source)
     output = Path(output) if output else source.with_name(f"{source.name}-{to}")
     atomic.refuse_existing(output, overwrite)
@@ -65,3 +68,27 @@ def export_merged(run: str | Path, output: str | Path, overwrite: bool = False, 
             "note": "Adapter folded into the dequantized base weights; not re-quantized.",
         })
     return output
+
+
+def export_gguf(run: str | Path, output: str | Path, qtype: str = "f16", overwrite: bool = False,
+                backend: str | None = None) -> Path:
+    """Merge a run into its base (as `export_merged`) and write the result as one GGUF file."""
+    from afinar import gguf_export
+    from afinar.runs import load_run
+
+    run, output = Path(run), Path(output)
+    if output.suffix != ".gguf":
+        raise AfinarError(f"{output}: a GGUF file name must end in .gguf, e.g. {output.with_suffix('.gguf')}.")
+    if output.exists() and not overwrite:
+        raise AfinarError(f"Output file {output} already exists. Choose another output, or pass --overwrite.")
+    if qtype not in gguf_export.QTYPES:
+        raise AfinarError(f"--type {qtype!r}: choose one of {', '.join(gguf_export.QTYPES)}.")
+    cfg, _ = load_run(run)
+    base = models.resolve(cfg.model.base)
+    if base.is_local:  # say it now, not after minutes of merging
+        gguf_export.check_supported(json.loads((Path(base.path) / "config.json").read_text()), f"{base.path}/config.json")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    # The merged folder is as large as the model: build it beside the output, not in a small /tmp.
+    with tempfile.TemporaryDirectory(dir=output.parent, prefix=f".{output.name}.") as tmp:
+        merged = export_merged(run, Path(tmp) / "merged", backend=backend)
+        return gguf_export.write_gguf(merged, output, qtype)
