@@ -79,8 +79,7 @@ def export_gguf(run: str | Path, output: str | Path, qtype: str = "f16", overwri
     run, output = Path(run), Path(output)
     if output.suffix != ".gguf":
         raise AfinarError(f"{output}: a GGUF file name must end in .gguf, e.g. {output.with_suffix('.gguf')}.")
-    if output.exists() and not overwrite:
-        raise AfinarError(f"Output file {output} already exists. Choose another output, or pass --overwrite.")
+    atomic.refuse_existing(output, overwrite)
     if qtype not in gguf_export.QTYPES:
         raise AfinarError(f"--type {qtype!r}: choose one of {', '.join(gguf_export.QTYPES)}.")
     cfg, _ = load_run(run)
