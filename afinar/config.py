@@ -85,8 +85,8 @@ class TrainConfig(_Section):
 
 
 class DataConfig(_Section):
-    train: str = Field("data/farense/train.jsonl", description="Training JSONL file.")
-    val: str | None = Field("data/farense/val.jsonl", description="Validation JSONL file (null = none).")
+    train: str = Field("data/farense/train.jsonl", description="Training data: .jsonl, .json, .parquet, or a saved Hugging Face dataset folder.")
+    val: str | None = Field("data/farense/val.jsonl", description="Validation data, in any format of data.train (null = none).")
     train_on_prompt: bool = Field(False, description="Also compute the loss on prompt tokens (default: answers only).")
     system_prompt: str | None = Field(
         None, description="System message added to every chat example and every question at inference."

@@ -1,16 +1,27 @@
 """Examples -> chat template -> token ids with an answer mask, and the order of batches.
 
 No framework import here: a tokenizer is any object with the Hugging Face tokenizer
-interface. Reading and validating files lives in `jsonl.py` (re-exported here).
+interface. Reading and validating data lives in `jsonl.py` (shapes, JSONL) and `datafiles.py`
+(every format, the split), re-exported here.
 """
 
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from pathlib import Path
 
+from afinar.datafiles import Split, content_sha256, read_examples, split_file  # noqa: F401  (the data API)
 from afinar.errors import AfinarError
-from afinar.jsonl import SHAPES, Example, normalise, read_jsonl, split_file  # noqa: F401  (the data API)
+from afinar.jsonl import SHAPE_NAMES, SHAPES, Dataset, Example, normalise  # noqa: F401  (the data API)
+
+
+def read_jsonl(path: str | Path) -> list[Example]:
+    """Every example of a data file in any accepted format (`read_examples`), under the name callers know.
+
+    The notices (e.g. "read as ShareGPT") are dropped: `read_examples(path).notices` has them.
+    """
+    return read_examples(path).examples
 
 
 # ---------------------------------------------------------------- tokenization
