@@ -26,7 +26,7 @@ app = typer.Typer(
     help="afinar: fine-tune an open LLM on your own Q&A data (LoRA / QLoRA), measure it, and answer in JSON.",
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
 )
-data_app = typer.Typer(help="Inspect and split JSONL datasets.", no_args_is_help=True)
+data_app = typer.Typer(help="Inspect and split datasets (JSONL, JSON, Parquet, saved Hugging Face datasets).", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 console = Console()
 err_console = Console(stderr=True)
@@ -338,7 +338,8 @@ def show_config(
 @data_app.command("check")
 @user_errors()
 def data_check(
-    path: Annotated[Path, typer.Argument(help="A JSONL file, or a folder with train.jsonl / val.jsonl.")],
+    path: Annotated[Path, typer.Argument(help="A data file (.jsonl, .json, .parquet), a saved Hugging Face dataset folder, "
+                                             "or a folder with train / val data.")],
     config: ConfigOpt = None,
     preset: PresetOpt = None,
     set_: SetOpt = None,
@@ -350,7 +351,7 @@ def data_check(
 
     cfg = resolve_config(config, preset, set_, quiet=as_json)
     # Read (and so validate) every file before loading a tokenizer: data errors come first, and fast.
-    read = {name: (file, D.read_jsonl(file)) for name, file in datacheck.find_files(path).items()}
+    read = {name: D.read_examples(file) for name, file in datacheck.find_files(path).items()}
     from transformers import AutoTokenizer
 
     resolved = models.resolve(cfg.model.base)
@@ -365,8 +366,8 @@ def data_check(
         return
     files = report["files"]
     table = Table("", *(r["split"] for r in files.values()))
-    rows = [("file", lambda f, r: f), ("examples", lambda f, r: r["examples"]), ("shape", lambda f, r: r["shape"]),
-            ("with keywords", lambda f, r: r["with_keywords"])]
+    rows = [("file", lambda f, r: f), ("format", lambda f, r: r["format"]), ("shape", lambda f, r: r["shape"]),
+            ("examples", lambda f, r: r["examples"]), ("with keywords", lambda f, r: r["with_keywords"])]
     rows += [(f"tokens {k}", lambda f, r, k=k: r["tokens"][k]) for k in ("min", "mean", "p50", "p95", "max", "total")]
     rows += [("answer tokens (mean)", lambda f, r: r["answer_tokens_mean"]),
              (f"truncated at {cfg.train.max_seq_length}", lambda f, r: r["truncated"]),
@@ -379,6 +380,9 @@ def data_check(
     console.print(f"Tokenizer: {cfg.model.base}; train.max_seq_length={cfg.train.max_seq_length}.")
     if "train_val_overlap" in report:
         console.print(f"Questions in both train and val: {report['train_val_overlap']}")
+    for r in files.values():
+        for notice in r["notices"]:
+            console.print(f"[cyan]note:[/] {escape(notice)}", highlight=False)
     for w in datacheck.warnings(report):
         console.print(f"[yellow]warning:[/] {escape(w)}")
     if not datacheck.warnings(report):
@@ -388,16 +392,19 @@ def data_check(
 @data_app.command("split")
 @user_errors()
 def data_split(
-    file: Annotated[Path, typer.Argument(help="JSONL file to split.")],
+    file: Annotated[Path, typer.Argument(help="Data file to split (.jsonl, .json, .parquet, or a saved Hugging Face dataset).")],
     val_fraction: Annotated[float, typer.Option(help="Share of distinct questions for validation.")] = 0.1,
     seed: Annotated[int, typer.Option(help="Same seed, same split.")] = 0,
     out_dir: Annotated[Optional[Path], typer.Option(help="Where to write train.jsonl and val.jsonl (default: beside FILE).")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing train.jsonl / val.jsonl.")] = False,
 ):
-    """Deterministic train/val split; the same question never lands on both sides."""
+    """Deterministic train/val split into JSONL; the same question never lands on both sides."""
     from afinar.data import split_file
 
-    train_path, val_path, n_train, n_val = split_file(file, val_fraction, seed, out_dir)
-    console.print(escape(f"Wrote {train_path} ({n_train} examples) and {val_path} ({n_val} examples)."))
+    split = split_file(file, val_fraction, seed, out_dir, overwrite)
+    for notice in split.notices:
+        err_console.print(f"[cyan]note:[/] {escape(notice)}", highlight=False)
+    console.print(escape(f"Wrote {split.train_path} ({split.n_train} examples) and {split.val_path} ({split.n_val} examples)."))
 
 
 if __name__ == "__main__":

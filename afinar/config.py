@@ -101,10 +101,13 @@ class TrainConfig(_Section):
 class DataConfig(_Section):
     # No default file: a config that forgets its data must not silently train on the demo data.
     train: str | None = Field(
-        None, description="Training data file. 'bundled:farense/train.jsonl' names afinar's bundled sample data "
-        "(the cpu preset uses it); any other value is a path."
+        None, description="Training data: .jsonl, .json, .parquet, or a saved Hugging Face dataset folder. "
+        "'bundled:farense/train.jsonl' names afinar's bundled sample data (the cpu preset uses it)."
     )
-    val: str | None = Field(None, description="Validation file: loss during training, best checkpoint, early stopping (null = none).")
+    val: str | None = Field(
+        None, description="Validation data, in any format of data.train: loss during training, best checkpoint, "
+        "early stopping (null = none)."
+    )
     test: str | None = Field(
         None, description="Held-out test file, never used during training or to choose settings: "
         "`afinar eval` and `afinar demo` report it apart from validation (null = none)."

@@ -1,7 +1,8 @@
 """Examples -> chat template -> token ids with an answer mask, and the order of batches.
 
 No framework import here: a tokenizer is any object with the Hugging Face tokenizer
-interface. Reading and validating files lives in `jsonl.py` (re-exported here).
+interface. Reading and validating data lives in `jsonl.py` (shapes, JSONL) and `datafiles.py`
+(every format, the split), re-exported here.
 """
 
 from __future__ import annotations
@@ -12,8 +13,18 @@ from pathlib import Path
 
 import numpy as np
 
+from afinar.datafiles import Split, content_sha256, read_examples, split_file  # noqa: F401  (the data API)
 from afinar.errors import AfinarError
-from afinar.jsonl import SHAPES, Example, normalise, read_jsonl, split_file  # noqa: F401  (the data API)
+from afinar.jsonl import SHAPE_NAMES, SHAPES, Dataset, Example, normalise  # noqa: F401  (the data API)
+
+
+def read_jsonl(path: str | Path) -> list[Example]:
+    """Every example of a data file in any accepted format (`read_examples`), under the name callers know.
+
+    The notices (e.g. "read as ShareGPT") are dropped: `read_examples(path).notices` has them.
+    """
+    return read_examples(path).examples
+
 
 IGNORE = -100  # the label of a position that is not a training target (PyTorch / HF convention)
 BUNDLED = "bundled:"  # data.train: bundled:farense/train.jsonl names a file shipped inside afinar
@@ -32,9 +43,9 @@ def resolve_path(value: str | Path) -> Path:
     return path
 
 
-def read_setting(value: str | Path) -> list[Example]:
-    """Read the examples of a `data.train` / `data.val` / `data.test` setting."""
-    return read_jsonl(resolve_path(value))
+def read_setting(value: str | Path) -> Dataset:
+    """The data a `data.train` / `data.val` / `data.test` setting names (examples, shape, notices)."""
+    return read_examples(resolve_path(value))
 
 
 # ---------------------------------------------------------------- tokenization

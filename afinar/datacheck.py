@@ -1,6 +1,6 @@
 """`afinar data check`: what the data looks like to the model before any training.
 
-Errors (a line that cannot be read) are `AfinarError`s from `data.read_jsonl`. What training
+Errors (a record that cannot be read) are `AfinarError`s from `data.read_examples`. What training
 survives is reported and turned into warnings: examples longer than train.max_seq_length
 (cut), examples whose prompt alone fills it (skipped: no answer token left), duplicates,
 special-token text inside the data, and questions in both train and val.
@@ -9,40 +9,55 @@ special-token text inside the data, and questions in both train and val.
 from __future__ import annotations
 
 import difflib
+import re
 import statistics
 from collections import Counter
 from pathlib import Path
 
 from afinar import data
 from afinar.config import Config
+from afinar.datafiles import DATA_SUFFIXES, is_hf_dataset
 from afinar.errors import AfinarError
+from afinar.stats import percentile
 
 
 def find_files(path: str | Path) -> dict[str, Path]:
-    """A folder holding train.jsonl (and val.jsonl), or one JSONL file."""
+    """Split name -> path: one data file or saved dataset, or a folder holding train and val data.
+
+    A folder may hold train / val as .jsonl, .json or .parquet files or saved Hugging Face
+    datasets; a saved DatasetDict gives its train split and its validation split, if any.
+    """
     path = Path(path)
     if path.is_dir():
-        files = {name: path / f"{name}.jsonl" for name in ("train", "val") if (path / f"{name}.jsonl").is_file()}
+        if (path / "dataset_dict.json").is_file():
+            val = next((path / n for n in ("validation", "val") if is_hf_dataset(path / n)), None)
+            return {"train": path, **({"val": val} if val else {})}
+        if is_hf_dataset(path):
+            return {path.name: path}
+        files = {}
+        for name in ("train", "val"):
+            found = [path / f"{name}{s}" for s in DATA_SUFFIXES if (path / f"{name}{s}").is_file()]
+            found += [path / name] if is_hf_dataset(path / name) else []
+            if len(found) > 1:
+                raise AfinarError(f"{path} holds {' and '.join(p.name for p in found)}: keep one {name} file, "
+                                  "or pass the file to use.")
+            if found:
+                files[name] = found[0]
         if not files:
             inside = sorted(p.name for p in path.iterdir() if not p.name.startswith("."))
             held = f" (it holds: {', '.join(inside[:6])}{', ...' if len(inside) > 6 else ''})" if inside else " (it is empty)"
-            raise AfinarError(f"{path} holds no train.jsonl or val.jsonl{held}. "
-                              "Pass a JSONL file or a folder with those files.")
+            raise AfinarError(f"{path} holds no train.jsonl or val.jsonl, nor train / val as .json, .parquet or a saved "
+                              f"Hugging Face dataset{held}. Pass a data file, or a folder holding them.")
         return files
     if not path.exists():
         near = []
         if path.parent.is_dir():
             near = difflib.get_close_matches(path.name, [p.name for p in path.parent.iterdir()], n=1, cutoff=0.6)
         mean = f" Did you mean {path.parent / near[0]}?" if near else ""
-        raise AfinarError(f"Data path not found: {path}.{mean} Pass a JSONL file or a folder holding train.jsonl / val.jsonl.")
+        raise AfinarError(f"Data path not found: {path}.{mean} Pass a data file or a folder holding train.jsonl / val.jsonl.")
     if not path.is_file():
-        raise AfinarError(f"{path} is not a regular file. Pass a JSONL file or a folder holding train.jsonl / val.jsonl.")
+        raise AfinarError(f"{path} is not a regular file. Pass a data file or a folder holding train.jsonl / val.jsonl.")
     return {path.stem: path}
-
-
-def _percentile(values: list[int], q: float) -> int:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def _special_text(example: data.Example, specials: list[str]) -> str | None:
@@ -51,16 +66,23 @@ def _special_text(example: data.Example, specials: list[str]) -> str | None:
     return next((s for s in specials for t in texts if s in t), None)
 
 
-def check(read: dict[str, tuple[Path, list]], cfg: Config, tokenizer) -> dict:
+def _position(source: str) -> str:
+    """ "FILE:3" -> "line 3"; "FILE item 3" -> "item 3"; "FILE row 3" -> "row 3"."""
+    m = re.search(r"(?::(\d+)| (item|row) (\d+))$", source)
+    return (f"line {m[1]}" if m[1] else f"{m[2]} {m[3]}") if m else source
+
+
+def check(read: dict[str, data.Dataset], cfg: Config, tokenizer) -> dict:
     """Counts, token lengths, truncation, duplicates and train/val overlap, as one report dict.
 
-    `read` maps each split to (file, its examples), as `find_files` + `data.read_jsonl` give them.
+    `read` maps each split to its Dataset, as `find_files` + `data.read_examples` give them.
     """
     max_len = cfg.train.max_seq_length
     report: dict = {"max_seq_length": max_len, "files": {}}
     questions: dict[str, dict[str, str]] = {}  # split -> normalised question -> source
     specials = sorted({t for t in getattr(tokenizer, "all_special_tokens", []) if isinstance(t, str) and len(t) > 1}, key=len, reverse=True)
-    for name, (file, examples) in read.items():
+    for name, dataset in read.items():
+        examples = dataset.examples
         encoded = [data.encode(e, tokenizer, 10**9, cfg.data.train_on_prompt, cfg.data.system_prompt) for e in examples]
         lengths = [len(e.input_ids) for e in encoded]
         # Training cuts at max_len and skips an example with no target token left (the first token is never one).
@@ -73,7 +95,7 @@ def check(read: dict[str, tuple[Path, list]], cfg: Config, tokenizer) -> dict:
             pair = (data.normalise(e.question), data.normalise(e.answer))
             pairs[pair] += 1
             if pair in seen and first_duplicate is None:
-                first_duplicate = f"{e.source} repeats line {seen[pair].rsplit(':', 1)[-1]}"
+                first_duplicate = f"{e.source} repeats {_position(seen[pair])}"
             seen.setdefault(pair, e.source)
         answers_by_q: dict[str, set[str]] = {}
         for e in examples:
@@ -83,13 +105,15 @@ def check(read: dict[str, tuple[Path, list]], cfg: Config, tokenizer) -> dict:
             if data.normalise(e.question):
                 questions[name].setdefault(data.normalise(e.question), e.source)
         special = [(e.source, s) for e in examples if (s := _special_text(e, specials))]
-        report["files"][str(file)] = {
+        report["files"][str(dataset.path)] = {
             "split": name,
+            "format": dataset.format,
+            "shape": data.SHAPE_NAMES[dataset.shape],
+            "notices": dataset.notices,
             "examples": len(examples),
-            "shape": "text" if examples[0].messages is None else "chat",
             "with_keywords": sum(bool(e.keywords) for e in examples),
             "tokens": {"min": min(lengths), "mean": round(statistics.mean(lengths), 1),
-                       "p50": _percentile(lengths, 0.5), "p95": _percentile(lengths, 0.95),
+                       "p50": round(percentile(lengths, 50)), "p95": round(percentile(lengths, 95)),
                        "max": max(lengths), "total": sum(lengths)},
             "longest": examples[longest].source,
             "answer_tokens_mean": round(statistics.mean(e.n_targets for e in encoded), 1),

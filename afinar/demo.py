@@ -39,14 +39,14 @@ def run_demo(output: str | Path = "runs/demo", extra: list[str] = (), console: C
 
     console.rule("[bold]Answers to validation questions (JSON, as `afinar ask` prints them)")
     predictor = Predictor(run)
-    val = data.read_setting(cfg.data.val)
+    val = data.read_setting(cfg.data.val).examples
     for ex in val[:SHOWN]:  # one at a time, so latency and tokens/s are those of a single `ask`
         console.print(f"[bold]Q:[/] {escape(ex.question)}")
         console.print_json(json.dumps(predictor.ask(ex.question), ensure_ascii=False))
         console.print(f"[dim]reference:[/] {escape(ex.answer)}\n")
 
     score, answers = evaluate.recall_on(predictor, val)  # batched: the whole validation file
-    test = data.read_setting(cfg.data.test)
+    test = data.read_setting(cfg.data.test).examples
     test_score, test_answers = evaluate.recall_on(predictor, test)
     result = {
         "run": str(run),

@@ -118,8 +118,17 @@ class Status:
     seconds: float | None = None
 
 
-Event = Start | Step | Eval | OutOfMemory | Checkpoint | Stopped | Crashed | Done | Status
-KINDS: dict[str, type] = {k.event: k for k in (Start, Step, Eval, OutOfMemory, Checkpoint, Stopped, Crashed, Done, Status)}
+@dataclass
+class Notice:
+    """Something the user should know that changes nothing (aliases applied to data); not written to metrics.jsonl."""
+
+    event: ClassVar[str] = "notice"
+    message: str
+
+
+Event = Start | Step | Eval | OutOfMemory | Checkpoint | Stopped | Crashed | Done | Status | Notice
+KINDS: dict[str, type] = {k.event: k for k in (Start, Step, Eval, OutOfMemory, Checkpoint, Stopped, Crashed, Done, Status,
+                                               Notice)}
 
 
 def to_dict(event: Event) -> dict[str, Any]:

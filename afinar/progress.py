@@ -28,6 +28,8 @@ class TrainingDisplay:
             self._print(f"  step {e.step:>5}  validation loss {e.val_loss:.4f}  (best {e.best_val_loss:.4f})")
         elif isinstance(e, events.Status):
             self._status(e)
+        elif isinstance(e, events.Notice):
+            self.console.print(f"[cyan]note:[/] {escape(e.message)}", highlight=False)
         elif isinstance(e, events.Checkpoint):
             what = "best adapter" if e.best else "checkpoint"
             self._print(f"  step {e.step:>5}  {what} saved ({e.seconds:.1f} s)", dim=True)

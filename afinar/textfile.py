@@ -3,6 +3,7 @@
 A leading byte-order mark is skipped and LF, CRLF or lone CR end a line (as in Python's
 text mode, but decoding each line apart, so an encoding error names its line). Binary,
 compressed and UTF-16 files are refused up front with what they are and how to convert them.
+`read_text` gives a whole file (a JSON document) under the same rules.
 """
 
 from __future__ import annotations
@@ -25,14 +26,13 @@ MAGIC = (
     (b"\xff\xd8\xff", "a JPEG image", "Pass the JSONL data file"),
     (b"GIF8", "a GIF image", "Pass the JSONL data file"),
     (b"%PDF-", "a PDF document", "Pass the JSONL data file"),
-    (b"PAR1", "a Parquet file", "Convert it to JSONL first, e.g. pandas.read_parquet(FILE).to_json(OUT, orient='records', lines=True, force_ascii=False)"),
     (b"SQLite format 3\x00", "an SQLite database", "Export the rows to JSONL first"),
     (b"\xff\xfe", "UTF-16 text", "Re-save it as UTF-8, e.g. iconv -f utf-16 -t utf-8 FILE > OUT.jsonl"),
     (b"\xfe\xff", "UTF-16 text", "Re-save it as UTF-8, e.g. iconv -f utf-16 -t utf-8 FILE > OUT.jsonl"),
 )
 
 
-def _sniff(path: Path, head: bytes) -> None:
+def sniff(path: Path, head: bytes) -> None:
     """Refuse binary, compressed and UTF-16 files with what they are, before reading lines."""
     for magic, what, fix in MAGIC:
         if head.startswith(magic):
@@ -56,7 +56,7 @@ def lines(path: Path) -> Iterator[tuple[int, str]]:
     except OSError as e:
         raise AfinarError(f"Cannot read {path}: {e.strerror}. Check the file's permissions.") from None
     with f:
-        _sniff(path, f.read(4096))
+        sniff(path, f.read(4096))
         f.seek(0)
         lineno = 0
         for chunk in f:
@@ -71,6 +71,23 @@ def lines(path: Path) -> Iterator[tuple[int, str]]:
                     raise AfinarError(f"{path}:{lineno}: {_decode_error(e, raw, path)}") from None
 
 
+def read_text(path: Path) -> str:
+    """The whole file as text (BOM skipped), read once; the same refusals as `lines`, naming the line of a bad byte."""
+    try:
+        with open(path, "rb") as f:
+            sniff(path, f.read(4096))
+    except OSError as e:
+        raise AfinarError(f"Cannot read {path}: {e.strerror}. Check the file's permissions.") from None
+    try:
+        # Read and decoded once (the JSON is then parsed item by item from it); newline="" keeps it as written.
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            return f.read()
+    except UnicodeDecodeError:
+        for _ in lines(path):  # raises at the first line that is not UTF-8, naming it
+            pass
+        raise
+
+
 def _decode_error(e: UnicodeDecodeError, raw: bytes, path: Path) -> str:
     col = len(raw[: e.start].decode("utf-8", "replace")) + 1
     around = raw[max(0, e.start - 8): e.start + 24]
@@ -81,18 +98,11 @@ def _decode_error(e: UnicodeDecodeError, raw: bytes, path: Path) -> str:
 
 
 def check_path(path: Path) -> None:
+    """A regular file, or an error saying what the path is instead (a near name when it does not exist)."""
     if path.is_file():
         return
-    if path.is_dir():
-        jsonl = sorted(p.name for p in path.glob("*.jsonl"))
-        others = sorted(p.name for p in path.iterdir() if not p.name.startswith("."))
-        if jsonl:
-            listing = f" It holds {', '.join(jsonl[:5])}: pass one of them."
-        else:
-            listing = f" It holds no .jsonl file ({', '.join(others[:5]) or 'it is empty'})."
-        raise AfinarError(f"{path} is a folder, not a JSONL file.{listing} Check data.train / data.val or the path you passed.")
     if path.exists():
-        raise AfinarError(f"{path} is not a regular file. Pass a JSONL file.")
+        raise AfinarError(f"{path} is not a regular file. Pass a data file.")
     near = []
     if path.parent.is_dir():
         near = difflib.get_close_matches(path.name, [p.name for p in path.parent.iterdir()], n=1, cutoff=0.6)

@@ -29,7 +29,7 @@ from afinar import __version__, checkpoints, data, distributed, events, memory, 
 from afinar.backends import TrainingBackend, training_backend
 from afinar.config import Config
 from afinar.errors import AfinarError
-from afinar.runs import NullWriter, RunWriter, file_sha256
+from afinar.runs import NullWriter, RunWriter
 
 
 @dataclass
@@ -119,8 +119,10 @@ class Trainer:
         if not cfg.data.train:
             raise AfinarError("data.train is not set: name your training file with --set data.train=FILE (JSONL; "
                               "--set data.val=FILE for validation), or use --preset cpu for the bundled demo data.")
-        self.train_ex = data.read_setting(cfg.data.train)
-        self.val_ex = data.read_setting(cfg.data.val) if cfg.data.val else []
+        read = [data.read_setting(value) for value in (cfg.data.train, cfg.data.val) if value]
+        self.train_ex, self.val_ex = read[0].examples, read[1].examples if len(read) > 1 else []
+        for notice in (n for d in read for n in d.notices):  # e.g. "read as ShareGPT (aliases applied)"
+            self.emit(events.Notice(notice))
         if len(self.train_ex) < cfg.train.batch_size:
             raise AfinarError(f"{cfg.data.train} has {len(self.train_ex)} examples, fewer than "
                               f"train.batch_size={cfg.train.batch_size}.")
@@ -465,4 +467,4 @@ class _StopSignal:
 def _data_info(value: str, count: int) -> dict:
     """Where a data file is (absolute, so the run folder says it wherever it is read) and what it holds."""
     path = data.resolve_path(value)
-    return {"setting": value, "path": str(path.resolve()), "examples": count, "sha256": file_sha256(path)}
+    return {"setting": value, "path": str(path.resolve()), "examples": count, "sha256": data.content_sha256(path)}

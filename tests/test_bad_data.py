@@ -63,7 +63,12 @@ ERRORS: dict[str, tuple[int | None, list[str]]] = {
     "text_empty.jsonl": (2, ['"text" is empty', "Fill it in"]),
     "empty.jsonl": (None, ["no examples", "the file is empty", "one JSON object per line"]),
     "blank_lines.jsonl": (None, ["no examples", "only 5 blank lines"]),
-    "directory_instead_of_file": (None, ["holds no train.jsonl or val.jsonl", "train.json"]),
+    "directory_instead_of_file": (None, ["holds no train.jsonl or val.jsonl", ".parquet", "(it holds: train.csv)"]),
+    # JSON documents and ShareGPT: the same checks, positions named "item N" (and the line of a syntax error)
+    "json_bad_item.json": (None, ["json_bad_item.json item 2", '"answer" is empty']),
+    "json_trailing_comma.json": (4, ["(item 2)", "trailing comma", "remove it"]),
+    "json_two_lists.json": (None, ['2 list fields ("train", "test")', "a file of its own"]),
+    "sharegpt_unknown_role.jsonl": (2, ["conversations[1]", 'from "function_call"', "remove the turn"]),
 }
 
 # file -> substrings of the warning(s); `data check` exits 0
@@ -208,7 +213,8 @@ TRAIN_ERRORS = [
     ("mixed_shapes.jsonl", None, [where("mixed_shapes.jsonl", 3), "one shape"]),
     ("lone_surrogate.jsonl", None, [where("lone_surrogate.jsonl", 2), "unpaired surrogate"]),
     ("empty.jsonl", None, [where("empty.jsonl", None), "no examples"]),
-    ("directory_instead_of_file", None, [where("directory_instead_of_file", None), "is a folder, not a JSONL file", "train.json"]),
+    ("directory_instead_of_file", None, [where("directory_instead_of_file", None), "is a folder, not a data file", "train.csv"]),
+    ("json_bad_item.json", None, [f"{BAD / 'json_bad_item.json'} item 2", '"answer" is empty']),
     ("nope.jsonl", None, ["Data file not found", where("nope.jsonl", None), "data.train"]),
     ("crlf.jsonl", "question_null.jsonl", [where("question_null.jsonl", 3), '"question" is null']),
     # these two fail after the model is loaded, inside the run: the .partial folder must go too

@@ -36,7 +36,7 @@ HELP = {
     ("config",): ["--config", "--preset", "--set", "--reference"],
     ("data",): ["check", "split"],
     ("data", "check"): ["--config", "--preset", "--set", "--json"],
-    ("data", "split"): ["--val-fraction", "--seed", "--out-dir"],
+    ("data", "split"): ["--val-fraction", "--seed", "--out-dir", "--overwrite"],
 }
 
 
@@ -102,7 +102,7 @@ def test_data_check_json(tiny_model, tiny_tokenizer, qa_files):
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     r = report["files"][str(train)]
-    assert r["examples"] == 6 and r["with_keywords"] == 6 and r["shape"] == "chat"
+    assert r["examples"] == 6 and r["with_keywords"] == 6 and (r["shape"], r["format"]) == ("question/answer", "jsonl")
     assert r["tokens"]["min"] <= r["tokens"]["p50"] <= r["tokens"]["max"]
     from afinar import data
 

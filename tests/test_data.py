@@ -288,7 +288,8 @@ def _split_rows(n=60):
 def test_split_file(tmp_path):
     src = write_jsonl(tmp_path / "all.jsonl", _split_rows())
     out1, out2 = tmp_path / "a", tmp_path / "b"
-    train_path, val_path, n_train, n_val = split_file(src, 0.1, seed=3, out_dir=out1)
+    train_path, val_path, n_train, n_val, notices = split_file(src, 0.1, seed=3, out_dir=out1)
+    assert notices == []
     assert (train_path, val_path) == (out1 / "train.jsonl", out1 / "val.jsonl")
     assert n_train + n_val == 61
     assert 5 <= n_val <= 8  # ~10% of 60 distinct questions
