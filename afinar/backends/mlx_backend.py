@@ -22,6 +22,7 @@ from typing import Any, Callable
 import numpy as np
 
 from afinar import adapters, hardware
+from afinar.backends import mlx_config
 from afinar.config import Config
 from afinar.data import Encoded
 from afinar.errors import AfinarError
@@ -98,7 +99,7 @@ class MLXBackend:
         path = self.base_path = Path(model.path)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(path)
-            net, _ = load_model(path)
+            net, _ = load_model(path, model_config=mlx_config.read_mlx_keys(path))  # h5: transformers-5 rope keys
         except (OSError, FileNotFoundError, ValueError) as e:
             raise AfinarError(f"MLX could not load model.base={model.name!r} from {path}: {e}") from None
         if self.tokenizer.eos_token_id is None:
@@ -378,6 +379,7 @@ class MLXBackend:
             config.pop(key, None)
         config["dtype"] = str(self.dtype).removeprefix("mlx.core.")
         (Path(folder) / "config.json").write_text(json.dumps(config, indent=2))
+        mlx_config.add_mlx_keys(Path(folder) / "config.json")  # h5: plain mlx_lm.load(OUT) reads the rope right
         if (self.base_path / "generation_config.json").is_file():
             (Path(folder) / "generation_config.json").write_bytes((self.base_path / "generation_config.json").read_bytes())
 

@@ -395,6 +395,9 @@ class TorchBackend:
             self._decoder.unfuse()
         model = torch_weights.merge_into_dense(model, self.dtype, quantized=self.cfg.model.quantization != "none")
         model.save_pretrained(str(folder))
+        from afinar.backends import mlx_config
+
+        mlx_config.add_mlx_keys(Path(folder) / "config.json")  # h5: plain mlx_lm.load(OUT) reads the rope right
 
     def memory(self) -> dict[str, float]:
         if self.device.type == "cuda":
