@@ -13,6 +13,7 @@ both backends see the same token ids for the same data.
 from __future__ import annotations
 
 import json
+import logging
 import pickle
 import platform
 import random
@@ -21,7 +22,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from afinar import adapters, hardware
+from afinar import adapters, data, hardware
+from afinar import targets as lora_targets
 from afinar.backends import mlx_config
 from afinar.config import Config
 from afinar.data import Encoded
@@ -29,6 +31,7 @@ from afinar.errors import AfinarError
 from afinar.models import ResolvedModel
 
 GROUP_SIZE, BITS = 64, 4
+log = logging.getLogger("afinar")
 # Architectures whose Model.__call__ is "decoder, then plain LM head": only answer positions
 # need the head (the same saving as the torch backend). Others go through the full model.
 _PLAIN_HEAD = {"llama", "qwen2", "qwen3", "mistral"}
@@ -86,6 +89,8 @@ class MLXBackend:
         self.grads = None
         self.num_layers = 0
         self.micro_batches = 0
+        self.stop_ids: list[int] = []  # every token that ends an answer (set by load)
+        self.targets = None  # the LoRA targets resolved for this model (set by load)
         self._loss_and_grad = None
 
     # ------------------------------------------------------------ loading
@@ -104,6 +109,7 @@ class MLXBackend:
             raise AfinarError(f"MLX could not load model.base={model.name!r} from {path}: {e}") from None
         if self.tokenizer.eos_token_id is None:
             raise AfinarError(f"The tokenizer of {model.name!r} has no EOS token: answers could never end.")
+        self.stop_ids = data.stop_token_ids(self.tokenizer, path)  # h5: EOS + generation_config + end of turn
         net.set_dtype(self.dtype)
         self.model_type = json.loads((path / "config.json").read_text())["model_type"]
         if self.cfg.model.quantization != "none":
@@ -116,15 +122,12 @@ class MLXBackend:
             grad_checkpoint(layers[0])  # mlx-lm's way: recompute each block's activations in backward
         self.num_layers = len(layers)
         lora = self.cfg.lora
-        targets = set(lora.target_modules)
-        keys = sorted({name for name, m in layers[0].named_modules()
-                       if name.rsplit(".", 1)[-1] in targets and isinstance(m, (nn.Linear, nn.QuantizedLinear))})
-        found = {k.rsplit(".", 1)[-1] for k in keys}
-        if found != targets:
-            names = sorted({n.rsplit(".", 1)[-1] for n, m in layers[0].named_modules()
-                            if isinstance(m, (nn.Linear, nn.QuantizedLinear))})
-            raise AfinarError(f"lora.target_modules={lora.target_modules}: {sorted(targets - found)} not found. "
-                              f"Linear layers in this model: {names}.")
+        # h5: the same resolution as the torch backend (fused qkv_proj..., all-linear, clear errors)
+        self.targets = lora_targets.resolve(lora.target_modules, [
+            n for n, m in net.named_modules() if isinstance(m, (nn.Linear, nn.QuantizedLinear))])
+        for notice in self.targets.notices:
+            log.warning(notice)
+        keys = self.targets.block_keys()
         mx.random.seed(self.cfg.train.seed)  # LoRA init is random: same seed, same adapter
         linear_to_lora_layers(net, self.num_layers, {
             "rank": lora.rank, "scale": lora.alpha / lora.rank, "dropout": lora.dropout, "keys": keys})
@@ -261,7 +264,7 @@ class MLXBackend:
         folder.mkdir(parents=True, exist_ok=True)
         save_file(self._peft_weights(), str(folder / adapters.PEFT_WEIGHTS), metadata={"format": "pt"})
         atomic.write_json(folder / adapters.PEFT_CONFIG, adapters.peft_config(
-            lora.rank, lora.alpha, lora.dropout, list(lora.target_modules), str(self.cfg.model.base)))
+            lora.rank, lora.alpha, lora.dropout, self.targets.peft_target_modules, str(self.cfg.model.base)))
 
     def is_out_of_memory(self, error: Exception) -> bool:
         text = str(error).lower()
@@ -330,8 +333,8 @@ class MLXBackend:
         self.model.eval()
         mx.random.seed(seed)
         sampler = make_sampler(temp=temperature, top_p=top_p if 0 < top_p < 1 else 0.0)
-        eos = self.tokenizer.eos_token_id
-        gen = BatchGenerator(self.model, max_tokens=max_new_tokens, stop_tokens=[[eos]], sampler=sampler,
+        stops = set(self.stop_ids or [self.tokenizer.eos_token_id])  # h5: any of the model's end tokens
+        gen = BatchGenerator(self.model, max_tokens=max_new_tokens, stop_tokens=[[t] for t in sorted(stops)], sampler=sampler,
                              completion_batch_size=max(len(prompts), 1), prefill_batch_size=max(len(prompts), 1))
         results: list[list[int]] = [[] for _ in prompts]
         try:
@@ -341,7 +344,7 @@ class MLXBackend:
             while live and (responses := gen.next_generated()):
                 for r in responses:
                     row = row_of[r.uid]
-                    if r.finish_reason != "stop" and r.token != eos:
+                    if r.finish_reason != "stop" and r.token not in stops:
                         results[row].append(r.token)
                         if on_token is not None:
                             on_token(row, r.token)
@@ -410,5 +413,7 @@ class MLXBackend:
             "versions": {"mlx": mx.__version__, "mlx_lm": mlx_lm.__version__},
         }
         if self.model is not None:
-            info["trainable_parameters"] = sum(v.size for _, v in tree_flatten(self.model.trainable_parameters()))
+            trainable = tree_flatten(self.model.trainable_parameters())
+            info["trainable_parameters"] = sum(v.size for _, v in trainable)
+            info["trainable_parameters_by_module"] = lora_targets.count_by_kind((n, v.size) for n, v in trainable)  # h5
         return info

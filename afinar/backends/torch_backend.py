@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -10,14 +11,16 @@ import torch
 import torch.nn.functional as F
 from transformers.generation import StoppingCriteriaList
 
-from afinar import distributed, hardware
-from afinar.backends import torch_hooks, torch_weights
+from afinar import data, distributed, hardware
+from afinar import targets as lora_targets
+from afinar.backends import torch_head, torch_hooks, torch_weights
 from afinar.config import Config
 from afinar.data import Encoded
 from afinar.errors import AfinarError
 from afinar.models import ResolvedModel, hub_load_error
 
 IGNORE = -100
+log = logging.getLogger("afinar")
 
 
 def pick_device() -> torch.device:
@@ -50,6 +53,7 @@ class TorchBackend:
         self.fuse_ops = self.device.type == "cuda"
         self.cuda_speedups = self.device.type == "cuda"  # see _mixed_precision
         self._decoder = None
+        self.stop_ids: list[int] = []  # every token that ends an answer (set by load; EOS alone if empty)
 
     # ------------------------------------------------------------ loading
 
@@ -88,6 +92,7 @@ class TorchBackend:
             base.to(self.device)
         if self.tokenizer.eos_token_id is None:
             raise AfinarError(f"The tokenizer of {model.name!r} has no EOS token: answers could never end.")
+        self.stop_ids = data.stop_token_ids(self.tokenizer, model.path)  # h5: EOS + generation_config + end of turn
         return self.attach(base, self.tokenizer, adapter_dir, trainable)
 
     def attach(self, base, tokenizer, adapter_dir: str | Path | None = None, trainable: bool = True):
@@ -114,10 +119,14 @@ class TorchBackend:
                 self.model = self.model.merge_and_unload()
         else:
             lora = self.cfg.lora
+            # h5: preset names mapped onto this model's layers (fused qkv_proj...), all-linear, clear errors
+            chosen = lora_targets.resolve(lora.target_modules, [n for n, m in base.named_modules() if isinstance(m, torch.nn.Linear)])
+            for notice in chosen.notices:
+                log.warning(notice)
             try:
                 self.model = get_peft_model(base, LoraConfig(
                     r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                    target_modules=list(lora.target_modules), task_type="CAUSAL_LM",
+                    target_modules=chosen.peft_target_modules, task_type="CAUSAL_LM",
                 ))
             except ValueError as e:
                 names = sorted({n.split(".")[-1] for n, m in base.named_modules() if isinstance(m, torch.nn.Linear)})
@@ -193,11 +202,14 @@ class TorchBackend:
         # sees padding (it comes after it) and padding positions carry no target. The outputs
         # that count are the same, and attention runs as plain causal (flash) attention instead
         # of a masked kernel that expands the mask per head (3 GB on a 7B step).
+        # h5: the model's own objective: its output scaling (Granite, Cohere, Falcon-H1, softcapping)
+        # on the head's output, or the full forward for a head step torch_head.py does not know.
+        transform = torch_head.head_transform(base)
         with self._mixed_precision():
-            if getattr(base.config, "final_logit_softcapping", None) is None and hasattr(base, "get_decoder"):
+            if transform is not None:
                 hidden = base.get_decoder()(input_ids=ids).last_hidden_state
-                logits = head(hidden.reshape(-1, hidden.shape[-1]).index_select(0, where))
-            else:  # models that transform logits after the head: take the plain path
+                logits = transform(base, head(hidden.reshape(-1, hidden.shape[-1]).index_select(0, where)))
+            else:
                 logits = self.model(input_ids=ids).logits
                 logits = logits.reshape(-1, logits.shape[-1]).index_select(0, where)
         return F.cross_entropy(logits.float(), labels, reduction="sum"), n
@@ -341,7 +353,8 @@ class TorchBackend:
     def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
                  top_p: float = 1.0, seed: int = 0, on_token=None, should_stop=None) -> list[list[int]]:
         eos = self.tokenizer.eos_token_id
-        if (fast := self._fast_decoder(prompts, max_new_tokens)) is not None:
+        stops = self.stop_ids or [eos]  # h5: stop on any end token (the static decoder knows only one, for now)
+        if len(stops) == 1 and (fast := self._fast_decoder(prompts, max_new_tokens)) is not None:
             return fast.generate(prompts, max_new_tokens, eos, temperature, top_p, seed, on_token, should_stop)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos
         width = max(len(p) for p in prompts)
@@ -350,7 +363,7 @@ class TorchBackend:
         attn = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
         hooks = {}
         if on_token is not None or should_stop is not None:
-            rows = torch_hooks.RowHooks(len(prompts), eos, on_token, should_stop)
+            rows = torch_hooks.RowHooks(len(prompts), stops, on_token, should_stop)
             hooks = {"streamer": rows, "stopping_criteria": StoppingCriteriaList([rows])}
         was_training = self.model.training
         self.model.eval()
@@ -360,7 +373,7 @@ class TorchBackend:
             out = self.model.generate(
                 input_ids=ids, attention_mask=attn, max_new_tokens=max_new_tokens, do_sample=sample,
                 temperature=temperature if sample else None, top_p=top_p if sample else None, top_k=None,
-                pad_token_id=pad, eos_token_id=eos, **hooks,
+                pad_token_id=pad, eos_token_id=stops, **hooks,
             )
         finally:
             self.model.train(was_training)
@@ -368,7 +381,7 @@ class TorchBackend:
             return rows.tokens
         results = []
         for row in out[:, width:].tolist():
-            results.append(row[: row.index(eos)] if eos in row else row)
+            results.append(row[: next((i for i, t in enumerate(row) if t in stops), len(row))])
         return results
 
     def _fast_decoder(self, prompts: list[list[int]], max_new_tokens: int):
@@ -429,4 +442,6 @@ class TorchBackend:
         if self.model is not None:
             trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
             info["trainable_parameters"] = trainable
+            info["trainable_parameters_by_module"] = lora_targets.count_by_kind(  # h5: for the start line
+                (n, p.numel()) for n, p in self.model.named_parameters() if p.requires_grad)
         return info
