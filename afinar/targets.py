@@ -97,7 +97,7 @@ def resolve(requested: list[str], linear: Iterable[str]) -> Targets:
         chosen.update(dict.fromkeys(found))
     if missing:
         raise AfinarError(
-            f"lora.target_modules={list(requested)}: {missing} match no linear layer of this model. Its linear layers: "
+            f"lora.target_modules={list(requested)}: {missing} match no linear layer of this model. Linear layers in this model: "
             f"{describe_linear(linear)}. Use those names (the last part is enough), or {ALL_LINEAR!r}."
         )
     notices = tuple(
