@@ -84,8 +84,7 @@ def _role_problem(messages: list[dict]) -> str | None:
     for i, m in enumerate(messages[offset:], start=offset):
         expected = "user" if (i - offset) % 2 == 0 else "assistant"
         if m["role"] != expected:
-            where = "first" if i == offset else f"after a {messages[i - 1]['role']!r} message"
-            return f"message {i + 1} is {m['role']!r} where {expected!r} was expected ({where})"
+            return f"message {i + 1} is {m['role']!r} where {expected!r} was expected"
     return None
 
 
@@ -199,7 +198,7 @@ def answer_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, 
             )
         start, end = found
         try:  # the answer starts where the prompt `ask` feeds the model ends, when the template prints that prompt here
-            prompt = render(tokenizer, messages[:i], add_generation_prompt=True)
+            prompt = render(tokenizer, messages[:i], add_generation_prompt=True) if i else ""
         except AfinarError:
             prompt = ""
         if cursor <= len(prompt) <= start and full.startswith(prompt):
@@ -214,28 +213,38 @@ def _token_ids(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
+def _span_mask(offsets, spans: list[tuple[int, int]]) -> list[bool]:
+    """True for each token (start, end) that overlaps an answer span; one pass per span (a line can be megabytes)."""
+    mask = [False] * len(offsets)
+    for s, e in spans:
+        if s < e:
+            mask = [m or (te > s and ts < e) for m, (ts, te) in zip(mask, offsets)]
+    return mask
+
+
 def _tokenize(tokenizer, text: str, spans: list[tuple[int, int]]) -> tuple[list[int], list[bool], int]:
     """Token ids of `text`, which are answer targets, and how many tokens end with the last answer.
 
-    Piece by piece, cut at each answer's start and end: a piece takes the tokens of all the text so
-    far when they extend the tokens already taken (the usual case), else its own tokens, so the
-    tokens before each answer are those of the prompt text alone (a BPE tokenizer can split a blank
-    line before an answer differently from one at the end of a prompt).
+    Everything before the last answer is tokenized as one string, exactly as `ask` tokenizes the
+    conversation so far (earlier answers are marked by their characters); the last answer and
+    what follows it take the tokens of the longer text when those extend the tokens so far, else
+    their own: a BPE tokenizer can split a blank line before an answer differently from one at
+    the end of a prompt, and the prompt's own split is the one the model meets when answering.
     """
-    ids: list[int] = []
-    mask: list[bool] = []
-    pos, last_answer_end = 0, 0
-    for end, target in [*((b, t) for s, e in spans for b, t in ((s, False), (e, True))), (len(text), False)]:
-        if end <= pos:
+    last_start = spans[-1][0]
+    enc = tokenizer(text[:last_start], add_special_tokens=False, return_offsets_mapping=True)
+    ids = list(enc["input_ids"])
+    mask = _span_mask(enc["offset_mapping"], spans[:-1])
+    answer_end = len(ids)
+    for start, end, target in ((last_start, spans[-1][1], True), (spans[-1][1], len(text), False)):
+        if end <= start:
             continue
         upto = _token_ids(tokenizer, text[:end])
-        new = upto[len(ids):] if upto[: len(ids)] == ids else _token_ids(tokenizer, text[pos:end])
+        new = upto[len(ids):] if upto[: len(ids)] == ids else _token_ids(tokenizer, text[start:end])
         ids += new
         mask += [target] * len(new)
-        pos = end
-        if target:
-            last_answer_end = len(ids)
-    return ids, mask, last_answer_end
+        answer_end = len(ids) if target else answer_end
+    return ids, mask, answer_end
 
 
 def encode(example: Example, tokenizer, max_len: int, train_on_prompt: bool = False, system_prompt: str | None = None) -> Encoded:
