@@ -226,25 +226,20 @@ def _tokenize(tokenizer, text: str, spans: list[tuple[int, int]]) -> tuple[list[
     """Token ids of `text`, which are answer targets, and how many tokens end with the last answer.
 
     Everything before the last answer is tokenized as one string, exactly as `ask` tokenizes the
-    conversation so far (earlier answers are marked by their characters); the last answer and
-    what follows it take the tokens of the longer text when those extend the tokens so far, else
-    their own: a BPE tokenizer can split a blank line before an answer differently from one at
-    the end of a prompt, and the prompt's own split is the one the model meets when answering.
+    conversation so far (earlier answers are marked by their characters); the last answer takes
+    the tokens of the text through it when those extend the prompt's, else its own: a BPE
+    tokenizer can split a blank line before an answer differently from one at the end of a
+    prompt, and the prompt's own split is the one the model meets when answering.
     """
-    last_start = spans[-1][0]
+    last_start, last_end = spans[-1]
     enc = tokenizer(text[:last_start], add_special_tokens=False, return_offsets_mapping=True)
     ids = list(enc["input_ids"])
     mask = _span_mask(enc["offset_mapping"], spans[:-1])
-    answer_end = len(ids)
-    for start, end, target in ((last_start, spans[-1][1], True), (spans[-1][1], len(text), False)):
-        if end <= start:
-            continue
-        upto = _token_ids(tokenizer, text[:end])
-        new = upto[len(ids):] if upto[: len(ids)] == ids else _token_ids(tokenizer, text[start:end])
-        ids += new
-        mask += [target] * len(new)
-        answer_end = len(ids) if target else answer_end
-    return ids, mask, answer_end
+    upto = _token_ids(tokenizer, text[:last_end])
+    answer = upto[len(ids):] if upto[: len(ids)] == ids else _token_ids(tokenizer, text[last_start:last_end])
+    # What follows the last answer starts after its end-of-turn token (or is cut off by `encode`): alone.
+    tail = _token_ids(tokenizer, text[last_end:]) if last_end < len(text) else []
+    return ids + answer + tail, mask + [True] * len(answer) + [False] * len(tail), len(ids) + len(answer)
 
 
 def encode(example: Example, tokenizer, max_len: int, train_on_prompt: bool = False, system_prompt: str | None = None) -> Encoded:

@@ -140,7 +140,7 @@ def memorised(family_models, tmp_path_factory):  # noqa: F811
     row = {"question": "Onde joga o Farense?", "answer": "No Estádio de São Luís, em Faro."}
     train = write_jsonl(root / "train.jsonl", [row, row])
     cfg = tiny_config(family_models("gemma2"), "lora.target_modules=all-linear", "lora.rank=16", "lora.dropout=0",
-                      "train.learning_rate=2e-2", "train.max_steps=40", "train.save_every=0", "train.warmup_steps=2",
+                      "train.learning_rate=3e-2", "train.max_steps=20", "train.save_every=0", "train.warmup_steps=2",
                       train=train)
     return run_training(cfg, root / "run"), row
 

@@ -13,7 +13,7 @@ from transformers.generation import StoppingCriteriaList
 
 from afinar import data, distributed, hardware
 from afinar import targets as lora_targets
-from afinar.backends import torch_head, torch_hooks, torch_weights
+from afinar.backends import mlx_config, torch_head, torch_hooks, torch_weights
 from afinar.config import Config
 from afinar.data import Encoded
 from afinar.errors import AfinarError
@@ -408,8 +408,6 @@ class TorchBackend:
             self._decoder.unfuse()
         model = torch_weights.merge_into_dense(model, self.dtype, quantized=self.cfg.model.quantization != "none")
         model.save_pretrained(str(folder))
-        from afinar.backends import mlx_config
-
         mlx_config.add_mlx_keys(Path(folder) / "config.json")  # h5: plain mlx_lm.load(OUT) reads the rope right
 
     def memory(self) -> dict[str, float]:
