@@ -17,7 +17,7 @@ blocks, Phi's trailing EOS, Gemma-2's refusal of a system role, Llama-3's date h
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -56,7 +56,6 @@ class Family:
     generation_eos: tuple[str, ...] = ()  # generation_config.json eos_token_id, in this order
     tokenizer: str = "smollm2"  # or "mistral"
     fused: bool = False  # q/k/v and gate/up are one layer each (phi3)
-    notes: dict = field(default_factory=dict)
 
 
 def _longrope(rotary_dims: int, theta: float) -> dict:

@@ -291,28 +291,29 @@ def test_all_linear_on_both_backends(family_models, tmp_path):  # noqa: F811
 # ---------------------------------------------------------------- the model's own loss
 
 
-def scaled_models(family_models):  # noqa: F811
-    """(name, model, tokenizer folder) of models that transform their logits after the head."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+SCALED = ["granite", "gemma2", "cohere", "falcon_h1"]  # logits / logits_scaling, softcap, * logit_scale, * lm_head_multiplier
 
-    tok_folder = family_models("granite")
-    vocab = AutoConfig.from_pretrained(tok_folder).vocab_size
-    shape = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2)
-    built = {}
-    for name in ("granite", "gemma2"):
-        built[name] = AutoModelForCausalLM.from_pretrained(family_models(name), dtype=torch.float32)
+
+def scaled_model(name: str, family_models):  # noqa: F811
+    """(model, tokenizer) of a model that transforms its logits after the head; Cohere and Falcon-H1 built here."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    if name in FAMILIES:
+        return AutoModelForCausalLM.from_pretrained(family_models(name), dtype=torch.float32), \
+            AutoTokenizer.from_pretrained(family_models(name))
+    tok_folder = family_models("granite")  # any tokenizer: these two have no family fixture
+    shape = dict(vocab_size=AutoConfig.from_pretrained(tok_folder).vocab_size, hidden_size=64, intermediate_size=128,
+                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    extra = dict(logit_scale=0.25) if name == "cohere" else dict(
+        head_dim=16, mamba_d_ssm=64, mamba_n_heads=4, mamba_d_head=16, mamba_d_state=16, mamba_n_groups=1,
+        mamba_chunk_size=16, lm_head_multiplier=0.3, mlp_multipliers=[0.7, 1.3])
     torch.manual_seed(0)
-    built["cohere"] = AutoModelForCausalLM.from_config(AutoConfig.for_model("cohere", logit_scale=0.25, **shape))
-    built["falcon_h1"] = AutoModelForCausalLM.from_config(AutoConfig.for_model(
-        "falcon_h1", head_dim=16, mamba_d_ssm=64, mamba_n_heads=4, mamba_d_head=16, mamba_d_state=16, mamba_n_groups=1,
-        mamba_chunk_size=16, lm_head_multiplier=0.3, mlp_multipliers=[0.7, 1.3], **shape))
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(name, **shape, **extra))
     with torch.no_grad():  # as tests/families.py does: logits far from uniform, so a lost scaling shows
-        for name in ("cohere", "falcon_h1"):
-            for p in built[name].parameters():
-                if p.ndim == 2:
-                    p.normal_(0.0, 0.2)
-    return built, tok_folder
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.normal_(0.0, 0.2)
+    return model, AutoTokenizer.from_pretrained(tok_folder)
 
 
 def backend_on(base, tokenizer, tmp_path, targets_list="[q_proj,v_proj,down_proj]") -> TorchBackend:
@@ -335,23 +336,19 @@ def hf_labels_loss(backend, batch) -> float:
         return float(backend.model(input_ids=ids, attention_mask=attn, labels=labels).loss)
 
 
-def test_scaled_logits_loss_equals_hf_loss(family_models, tmp_path, monkeypatch):  # noqa: F811
-    from transformers import AutoTokenizer
-
-    built, tok_folder = scaled_models(family_models)
-    tok = AutoTokenizer.from_pretrained(tok_folder)
-    for name, base in built.items():
-        assert torch_head.head_transform(base) is not None, name  # each takes the fast path, with its scaling
-        backend = backend_on(base, tok, tmp_path)
-        batch = [data.encode(e, tok, 256) for e in data.read_jsonl(tmp_path / "t.jsonl")][:3]
-        with torch.no_grad():
-            loss, n = backend.loss_sum(batch)
-            with monkeypatch.context() as m:  # the head alone, as before: visibly another objective
-                m.setattr(torch_head, "head_transform", lambda model: lambda model, x: x)
-                unscaled = float(backend.loss_sum(batch)[0]) / n
-        hf = hf_labels_loss(backend, batch)
-        assert float(loss) / n == pytest.approx(hf, rel=1e-5), name
-        assert abs(unscaled - hf) > 1e-3 * hf, name
+@pytest.mark.parametrize("name", SCALED)
+def test_scaled_logits_loss_equals_hf_loss(name, family_models, tmp_path, monkeypatch):  # noqa: F811
+    base, tok = scaled_model(name, family_models)
+    assert torch_head.head_transform(base) is not None  # the fast path, with the model's scaling
+    backend = backend_on(base, tok, tmp_path)
+    batch = [data.encode(e, tok, 256) for e in data.read_jsonl(tmp_path / "t.jsonl")][:3]
+    with torch.no_grad():
+        loss, n = backend.loss_sum(batch)
+        monkeypatch.setattr(torch_head, "head_transform", lambda model: lambda model, x: x)
+        unscaled = float(backend.loss_sum(batch)[0]) / n  # the head alone, as before: visibly another objective
+    hf = hf_labels_loss(backend, batch)
+    assert float(loss) / n == pytest.approx(hf, rel=1e-5)
+    assert abs(unscaled - hf) > 1e-3 * hf
 
 
 def test_unknown_head_step_takes_the_full_forward(family_models, tmp_path):  # noqa: F811
@@ -381,20 +378,18 @@ def test_unknown_head_step_takes_the_full_forward(family_models, tmp_path):  # n
 
 def test_fuse_pointwise_leaves_other_forwards_alone(family_models, tmp_path):  # noqa: F811
     """Falcon-H1's MLP (multipliers) and Gemma's norm (1 + w) are not patched; the loss is unchanged."""
-    from transformers import AutoTokenizer
-
-    built, tok_folder = scaled_models(family_models)
-    tok = AutoTokenizer.from_pretrained(tok_folder)
     patched_kinds = {}
     for name in ("falcon_h1", "gemma2", "granite"):
-        backend = backend_on(built[name], tok, tmp_path)
+        base, tok = scaled_model(name, family_models)
+        backend = backend_on(base, tok, tmp_path)
         batch = [data.encode(e, tok, 256) for e in data.read_jsonl(tmp_path / "t.jsonl")][:3]
         with torch.no_grad():
             before = float(backend.loss_sum(batch)[0])
             torch_fast.fuse_pointwise(backend.model, compile=False)
             after = float(backend.loss_sum(batch)[0])
         assert after == pytest.approx(before, rel=1e-6), name
-        patched_kinds[name] = {type(m).__name__ for m in backend.model.modules() if "_afinar_norm" in vars(m) or "_afinar_act" in vars(m)}
+        patched_kinds[name] = {type(m).__name__ for m in backend.model.modules()
+                               if "_afinar_norm" in vars(m) or "_afinar_act" in vars(m)}
         torch_fast.unfuse(backend.model)
     assert patched_kinds["falcon_h1"] == {"FalconH1RMSNorm"}  # its norm is Llama's; its MLP is not
     assert patched_kinds["gemma2"] == set()
