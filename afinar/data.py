@@ -30,8 +30,8 @@ log = logging.getLogger("afinar")
 #   ends through the template's end-of-turn token (<|im_end|>, <end_of_turn>, <|eot_id|>...).
 # - Reasoning templates (Qwen3) render with enable_thinking=False: the empty think block is part
 #   of the prompt, in training and in `ask`, never something the model learns to write.
-# - The tokens before an answer are exactly the tokens of the prompt text alone, so the model
-#   sees at inference the very token ids it was trained on.
+# - The tokens before the last answer are those of the prompt text alone, so the model sees at
+#   inference the very token ids it was trained on.
 
 
 @dataclass
@@ -52,7 +52,7 @@ class ConversationError(AfinarError):
 
 
 _PROBE = "\u2063afinar-probe\u2063"  # text no conversation contains
-_probes: dict[tuple, object] = {}  # (question, chat template) -> answer: templates are probed once
+_probes: dict[tuple, object] = {}  # (what, chat template, EOS) -> result: each template is probed once
 _noticed: set[str] = set()
 
 
@@ -127,7 +127,7 @@ def with_system(messages: list[dict], system_prompt: str | None, tokenizer=None)
     """`messages` with `system_prompt` first (unless they bring their own system message).
 
     With `tokenizer`, a model whose template has no system role gets the system text at the
-    start of the first user turn instead (said once), as Gemma's own documentation does.
+    start of the first user turn instead (said once), as Gemma-3's own template does.
     """
     if system_prompt and messages[0]["role"] != "system":
         messages = [{"role": "system", "content": system_prompt}, *messages]
@@ -135,8 +135,8 @@ def with_system(messages: list[dict], system_prompt: str | None, tokenizer=None)
         return messages
     system, rest = messages[0]["content"], messages[1:]
     first_user = next((i for i, m in enumerate(rest) if m["role"] == "user"), None)
-    if first_user is None:
-        return rest
+    if first_user is None:  # no user turn to take it: let the template say what it makes of this
+        return messages
     _notice("This model's chat template has no system role: the system prompt is put at the start of the first user turn.")
     rest = list(rest)
     rest[first_user] = {**rest[first_user], "content": f"{system}\n\n{rest[first_user]['content']}"}
