@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Iterator, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from afinar.errors import AfinarError
 
@@ -47,8 +47,14 @@ class LoraConfig(_Section):
     target_modules: list[str] = Field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj"],
         min_length=1,
-        description="Linear layers that get LoRA adapters (names as in the model).",
+        description="Linear layers that get LoRA adapters (names as in the model), or 'all-linear' (every linear layer "
+        "of the decoder blocks). Names of separate layers map onto a model's fused ones (q/k/v_proj -> qkv_proj).",
     )
+
+    @field_validator("target_modules", mode="before")
+    @classmethod
+    def _one_name(cls, value):  # --set lora.target_modules=all-linear
+        return [value] if isinstance(value, str) else value
 
 
 FastPaths = Literal["auto", "off"]

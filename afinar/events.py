@@ -10,7 +10,7 @@ turns each line back into its dataclass. Lines written before records carried an
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -28,7 +28,6 @@ class Start:
     warmup_steps: int
     device: dict[str, Any]
     memory_estimate_mb: dict[str, float]
-    trainable_by_kind: dict[str, int] = field(default_factory=dict)
     resumed_from: int | None = None
 
 

@@ -49,7 +49,7 @@ class Predictor:
     def answer(self, prompt: list[int], out: list[int], seconds: float) -> dict:
         """The JSON object `afinar ask` prints for one generated answer."""
         return {
-            "answer": self.tokenizer.decode(out, skip_special_tokens=True).strip(),
+            "answer": data.clean_answer(self.tokenizer.decode(out, skip_special_tokens=True)),  # h5: no empty think block
             "model": self.cfg.model.base,
             "adapter": str(self.run),
             "prompt_tokens": len(prompt),

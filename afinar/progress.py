@@ -71,8 +71,8 @@ class TrainingDisplay:
             + (f", {e.dropped} dropped (no answer token left)" if e.dropped else "")
             + (f"; resuming after step {e.resumed_from}" if e.resumed_from else ""), highlight=False
         )
-        if e.trainable_by_kind:
-            kinds = ", ".join(f"{k} {v:,}" for k, v in sorted(e.trainable_by_kind.items()))
+        if by_module := dev.get("trainable_parameters_by_module"):
+            kinds = ", ".join(f"{k} {v:,}" for k, v in sorted(by_module.items()))
             self.console.print(f"LoRA parameters by layer: {kinds}", highlight=False)
         if dev.get("quantization", "none") != "none":
             self.console.print(f"Quantization: {dev['quantization']}", highlight=False)

@@ -166,8 +166,7 @@ class Trainer:
         self.log(events.Start(
             total_steps=self.total, train_examples=len(prepared.train), val_examples=len(prepared.val),
             truncated=prepared.truncated, dropped=prepared.dropped, warmup_steps=cfg.train.warmup_steps,
-            device=self.backend.describe(), memory_estimate_mb=self.memory_plan,
-            trainable_by_kind=self.backend.trainable_by_kind(), resumed_from=self.resumed_from))
+            device=self.backend.describe(), memory_estimate_mb=self.memory_plan, resumed_from=self.resumed_from))
         self.stream = schedule.micro_batches(prepared, cfg)
         for _ in range(self.state.consumed):  # replay the data order up to the checkpoint
             next(self.stream)

@@ -91,7 +91,7 @@ def test_metrics_lines(small_run):
     assert isinstance(seen[-1], E.Done) and seen[-1].output == str(run)
     start = seen[0]
     assert isinstance(start, E.Start) and start.total_steps == 4 and start.train_examples == 6 and start.val_examples == 2
-    assert sum(start.trainable_by_kind.values()) == start.device["trainable_parameters"]
+    assert sum(start.device["trainable_parameters_by_module"].values()) == start.device["trainable_parameters"]
     assert [e.stage for e in seen if isinstance(e, E.Status)] == ["validation"] * 4  # announced, then done, per pass
 
 

@@ -58,14 +58,11 @@ class TrainingBackend(Protocol):
     def model_facts(self) -> memory.ModelFacts:
         """Sizes and bytes of the loaded model, for the memory estimate (memory.py)."""
 
-    def trainable_by_kind(self) -> dict[str, int]:
-        """Trainable parameters per adapted layer name (q_proj, ...)."""
-
     def memory(self) -> dict[str, float]:
         """{'memory_mb': now, 'peak_memory_mb': peak} of the device (process RSS on CPU)."""
 
     def describe(self) -> dict[str, Any]:
-        """Device, dtypes, library versions and parameter counts, for metadata.json."""
+        """Device, dtypes, library versions and parameter counts (also per adapted layer name), for metadata.json."""
 
 
 class AnsweringBackend(Protocol):

@@ -6,13 +6,14 @@ import json
 from pathlib import Path
 from typing import Callable
 
+from afinar.backends import mlx_config
 from afinar.backends.mlx_model import MLXModel
 from afinar.models import ResolvedModel
 
 
 class MLXAnswerer(MLXModel):
-    def load(self, model: ResolvedModel, adapter_dir: str | Path):
-        """The base (4-bit for QLoRA) with the saved adapter, ready to answer; returns the tokenizer."""
+    def load(self, model: ResolvedModel, adapter_dir: str | Path | None):
+        """The base (4-bit for QLoRA) with the saved adapter (None: the base alone), ready to answer; returns the tokenizer."""
         self._load(model, adapter_dir, checkpointing=False)
         self.model.eval()
         self.mx.eval(self.model.parameters())
@@ -31,8 +32,8 @@ class MLXAnswerer(MLXModel):
         mx = self.mx
         mx.random.seed(seed)
         sampler = make_sampler(temp=temperature, top_p=top_p if 0 < top_p < 1 else 0.0)
-        eos = self.tokenizer.eos_token_id
-        gen = BatchGenerator(self.model, max_tokens=max_new_tokens, stop_tokens=[[eos]], sampler=sampler,
+        stops = set(self.stop_ids or [self.tokenizer.eos_token_id])  # any of the model's end tokens
+        gen = BatchGenerator(self.model, max_tokens=max_new_tokens, stop_tokens=[[t] for t in sorted(stops)], sampler=sampler,
                              completion_batch_size=max(len(prompts), 1), prefill_batch_size=max(len(prompts), 1))
         results: list[list[int]] = [[] for _ in prompts]
         try:
@@ -42,7 +43,7 @@ class MLXAnswerer(MLXModel):
             while live and (responses := gen.next_generated()):
                 for r in responses:
                     row = row_of[r.uid]
-                    if r.finish_reason != "stop" and r.token != eos:
+                    if r.finish_reason != "stop" and r.token not in stops:
                         results[row].append(r.token)
                         if on_token is not None:
                             on_token(row, r.token)
@@ -77,6 +78,7 @@ class MLXAnswerer(MLXModel):
             config.pop(key, None)
         config["dtype"] = str(self.dtype).removeprefix("mlx.core.")
         (Path(folder) / "config.json").write_text(json.dumps(config, indent=2))
+        mlx_config.add_mlx_keys(Path(folder) / "config.json")  # plain mlx_lm.load(OUT) reads the rope right
         if (self.base_path / "generation_config.json").is_file():
             (Path(folder) / "generation_config.json").write_bytes((self.base_path / "generation_config.json").read_bytes())
 

@@ -14,6 +14,7 @@ both backends see the same token ids for the same data.
 from __future__ import annotations
 
 import json
+import logging
 import platform
 from pathlib import Path
 from typing import Any
@@ -21,12 +22,15 @@ from typing import Any
 import numpy as np
 
 from afinar import adapters, data, hardware
+from afinar import targets as lora_targets
+from afinar.backends import mlx_config
 from afinar.config import Config
 from afinar.data import Encoded
 from afinar.errors import AfinarError
 from afinar.models import ResolvedModel
 
 GROUP_SIZE, BITS = 64, 4
+log = logging.getLogger("afinar")
 # Architectures whose Model.__call__ is "decoder, then plain LM head": only answer positions
 # need the head (the same saving as the torch backend). Others go through the full model.
 _PLAIN_HEAD = {"llama", "qwen2", "qwen3", "mistral"}
@@ -83,6 +87,8 @@ class MLXModel:
         self.base_path: Path | None = None
         self.tokenizer = None
         self.num_layers = 0
+        self.stop_ids: list[int] = []  # every token that ends an answer (set by _load)
+        self.targets = None  # the LoRA targets resolved for this model (set by _load)
 
     # ------------------------------------------------------------ loading
 
@@ -96,11 +102,13 @@ class MLXModel:
         path = self.base_path = Path(model.path)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(path)
-            net, _ = load_model(path)
+            # The keys mlx-lm reads at the top level of config.json, from a transformers-5 config (mlx_config.py).
+            net, _ = load_model(path, model_config=mlx_config.read_mlx_keys(path))
         except (OSError, FileNotFoundError, ValueError) as e:
             raise AfinarError(f"MLX could not load model.base={model.name!r} from {path}: {e}") from None
         if self.tokenizer.eos_token_id is None:
             raise AfinarError(f"The tokenizer of {model.name!r} has no EOS token: answers could never end.")
+        self.stop_ids = data.stop_token_ids(self.tokenizer, path)  # EOS + generation_config + end of turn
         net.set_dtype(self.dtype)
         config = json.loads((path / "config.json").read_text())
         text = config.get("text_config") or config  # multimodal checkpoints nest the language model's
@@ -116,15 +124,12 @@ class MLXModel:
             grad_checkpoint(layers[0])  # mlx-lm's way: recompute each block's activations in backward
         self.num_layers = len(layers)
         lora = self.cfg.lora
-        targets = set(lora.target_modules)
-        keys = sorted({name for name, m in layers[0].named_modules()
-                       if name.rsplit(".", 1)[-1] in targets and isinstance(m, (nn.Linear, nn.QuantizedLinear))})
-        found = {k.rsplit(".", 1)[-1] for k in keys}
-        if found != targets:
-            names = sorted({n.rsplit(".", 1)[-1] for n, m in layers[0].named_modules()
-                            if isinstance(m, (nn.Linear, nn.QuantizedLinear))})
-            raise AfinarError(f"lora.target_modules={lora.target_modules}: {sorted(targets - found)} not found. "
-                              f"Linear layers in this model: {names}.")
+        # The same resolution as the torch backend (targets.py): fused qkv_proj, all-linear, clear errors.
+        self.targets = lora_targets.resolve(lora.target_modules, [
+            n for n, m in net.named_modules() if isinstance(m, (nn.Linear, nn.QuantizedLinear))])
+        for notice in self.targets.notices:
+            log.warning(notice)
+        keys = self.targets.block_keys()
         mx.random.seed(self.cfg.train.seed)  # LoRA init is random: same seed, same adapter
         linear_to_lora_layers(net, self.num_layers, {
             "rank": lora.rank, "scale": lora.alpha / lora.rank, "dropout": lora.dropout, "keys": keys})
@@ -210,7 +215,7 @@ class MLXModel:
         folder.mkdir(parents=True, exist_ok=True)
         save_file(self._peft_weights(), str(folder / adapters.PEFT_WEIGHTS), metadata={"format": "pt"})
         atomic.write_json(folder / adapters.PEFT_CONFIG, adapters.peft_config(
-            lora.rank, lora.alpha, lora.dropout, list(lora.target_modules), str(self.cfg.model.base)))
+            lora.rank, lora.alpha, lora.dropout, self.targets.peft_target_modules, str(self.cfg.model.base)))
 
     # ------------------------------------------------------------ reporting
 

@@ -131,15 +131,14 @@ class MLXTrainer(MLXModel):
     def trainable_by_kind(self) -> dict[str, int]:
         from mlx.utils import tree_flatten
 
-        counts: dict[str, int] = {}
-        for name, v in tree_flatten(self.model.trainable_parameters()):
-            kind = name.rsplit(".", 2)[-2]  # ...self_attn.q_proj.lora_a
-            counts[kind] = counts.get(kind, 0) + v.size
-        return counts
+        from afinar.targets import count_by_kind
+
+        return count_by_kind((n, v.size) for n, v in tree_flatten(self.model.trainable_parameters()))
 
     def describe(self) -> dict[str, Any]:
         from mlx.utils import tree_flatten
 
         info = super().describe()
         info["trainable_parameters"] = sum(v.size for _, v in tree_flatten(self.model.trainable_parameters()))
+        info["trainable_parameters_by_module"] = self.trainable_by_kind()
         return info

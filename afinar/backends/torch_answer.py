@@ -17,7 +17,7 @@ import torch
 from transformers.generation import StoppingCriteriaList
 
 from afinar import data
-from afinar.backends import torch_hooks, torch_model, torch_weights
+from afinar.backends import mlx_config, torch_hooks, torch_model, torch_weights
 from afinar.config import Config
 from afinar.data import Encoded
 from afinar.models import ResolvedModel
@@ -35,19 +35,21 @@ class TorchAnswerer:
         self.fast_paths = cfg.serve.fast_paths == "auto" and self.device.type == "cuda"
         self.model = None
         self.tokenizer = None
+        self.stop_ids: list[int] = []
         self._decoder = None
 
     def load(self, model: ResolvedModel, adapter_dir: str | Path):
         """The base with the saved adapter (merged where faster); returns the tokenizer."""
         base, tokenizer = torch_model.load_base(self.cfg, model, self.device, self.dtype)
-        return self.attach(base, tokenizer, adapter_dir)
+        return self.attach(base, tokenizer, adapter_dir, data.stop_token_ids(tokenizer, model.path))
 
-    def attach(self, base, tokenizer, adapter_dir: str | Path):
+    def attach(self, base, tokenizer, adapter_dir: str | Path, stop_ids: list[int] | None = None):
         """Put the saved adapter on a loaded base (merged where faster). Apart from `load` so benchmarks
-        can hand in a base built in GPU memory."""
+        can hand in a base built in GPU memory. `stop_ids`: every token that ends an answer (EOS if None)."""
         from peft import PeftModel
 
         self.tokenizer = tokenizer
+        self.stop_ids = stop_ids or [tokenizer.eos_token_id]
         merge = self.device.type == "cpu" or (
             self.device.type == "cuda" and torch_weights.dense_fits(base, self.dtype, self.device))
         if merge and self.cfg.model.quantization != "none":
@@ -75,8 +77,9 @@ class TorchAnswerer:
         each new token of a row is produced (never for EOS), and a row for which `should_stop(row)`
         returns True (client gone, stop string seen) ends early.
         """
-        eos = self.tokenizer.eos_token_id
-        if (fast := self._fast_decoder(prompts, max_new_tokens)) is not None:
+        eos, stops = self.tokenizer.eos_token_id, self.stop_ids
+        # The static decoder stops on one token only (for now): models with several end tokens take generate.
+        if len(stops) == 1 and (fast := self._fast_decoder(prompts, max_new_tokens)) is not None:
             return fast.generate(prompts, max_new_tokens, eos, temperature, top_p, seed, on_token, should_stop)
         pad = data.pad_id(self.tokenizer)
         width = max(len(p) for p in prompts)
@@ -85,18 +88,18 @@ class TorchAnswerer:
         attn = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
         hooks = {}
         if on_token is not None or should_stop is not None:
-            rows = torch_hooks.RowHooks(len(prompts), eos, on_token, should_stop)
+            rows = torch_hooks.RowHooks(len(prompts), stops, on_token, should_stop)
             hooks = {"streamer": rows, "stopping_criteria": StoppingCriteriaList([rows])}
         torch.manual_seed(seed)
         sample = temperature > 0
         out = self.model.generate(
             input_ids=ids, attention_mask=attn, max_new_tokens=max_new_tokens, do_sample=sample,
             temperature=temperature if sample else None, top_p=top_p if sample else None, top_k=None,
-            pad_token_id=pad, eos_token_id=eos, **hooks,
+            pad_token_id=pad, eos_token_id=stops, **hooks,
         )
         if hooks:
             return rows.tokens
-        return [row[: row.index(eos)] if eos in row else row for row in out[:, width:].tolist()]
+        return [row[: next((i for i, t in enumerate(row) if t in stops), len(row))] for row in out[:, width:].tolist()]
 
     def _fast_decoder(self, prompts: list[list[int]], max_new_tokens: int):
         """The static-cache CUDA-graph decoder, for a merged model of a family it knows (CUDA only)."""
@@ -119,6 +122,7 @@ class TorchAnswerer:
             self._decoder.unfuse()
         model = torch_weights.merge_into_dense(self.model, self.dtype, quantized=self.cfg.model.quantization != "none")
         model.save_pretrained(str(folder))
+        mlx_config.add_mlx_keys(Path(folder) / "config.json")  # plain mlx_lm.load(OUT) reads the rope right
 
     def memory(self) -> dict[str, float]:
         return torch_model.memory(self.device)

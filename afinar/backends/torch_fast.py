@@ -11,7 +11,10 @@ tests/test_fast_paths.py checks loss and gradients against the unpatched model.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
+import textwrap
 import types
 
 import torch
@@ -39,15 +42,36 @@ def _mlp_forward(self, x):
     return self.down_proj(self._afinar_act(self.gate_proj(x), self.up_proj(x)))
 
 
+# h5: a module is patched only when its forward is, line for line, the HF Llama one the fused
+# function replaces (Mistral, Qwen2/3, Granite... copy it). A different forward (Gemma's 1 + w norm,
+# Falcon-H1's MLP multipliers, a clamp in a newer MLP) would silently lose its extra terms.
+@functools.cache
+def _source(function) -> str:
+    try:
+        return textwrap.dedent(inspect.getsource(function))
+    except (OSError, TypeError):  # no source (compiled, or defined at a prompt): never the same
+        return f"<no source for {function!r}>"
+
+
+def _runs_forward_of(module, reference: type) -> bool:
+    forward = type(module).forward
+    return forward is reference.forward or _source(forward) == _source(reference.forward)
+
+
 def _is_rms_norm(module) -> bool:
-    # Gemma's norm (x * (1 + w)) keeps `eps`, not `variance_epsilon`: it is left alone.
-    return type(module).__name__.endswith("RMSNorm") and hasattr(module, "variance_epsilon") \
-        and getattr(module, "weight", None) is not None and module.weight.ndim == 1
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    return _runs_forward_of(module, LlamaRMSNorm) and getattr(module, "weight", None) is not None \
+        and module.weight.ndim == 1
 
 
 def _is_swiglu_mlp(module) -> bool:
-    return all(hasattr(module, n) for n in ("gate_proj", "up_proj", "down_proj")) \
-        and type(getattr(module, "act_fn", None)).__name__ in ("SiLU", "SiLUActivation")  # transformers 5.x names
+    from transformers.activations import SiLUActivation
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    act = getattr(module, "act_fn", None)
+    return _runs_forward_of(module, LlamaMLP) and isinstance(act, (SiLUActivation, torch.nn.SiLU)) \
+        and type(act).forward in (SiLUActivation.forward, torch.nn.SiLU.forward)
 
 
 def compiled(fn, device: torch.device, *probe, backward: bool = True):
@@ -89,6 +113,8 @@ def fuse_pointwise(model, compile: bool = True) -> int:
             module._afinar_act = act
             module.forward = types.MethodType(_mlp_forward, module)
             patched += 1
+        elif hasattr(module, "variance_epsilon") or hasattr(module, "gate_proj"):  # h5: looks alike, computes otherwise
+            log.debug("fuse_pointwise: %s left alone (its forward is not the HF Llama one)", type(module).__name__)
     return patched
 
 

@@ -15,8 +15,8 @@ class RowHooks(BaseStreamer, StoppingCriteria):
     exactly the tokens `on_token` had delivered when `should_stop` said yes, and later ones are dropped.
     """
 
-    def __init__(self, n: int, eos: int, on_token, should_stop):
-        self.eos = eos
+    def __init__(self, n: int, eos: int | list[int], on_token, should_stop):
+        self.stops = {eos} if isinstance(eos, int) else set(eos)  # h5: any of the model's end tokens
         self.on_token, self.should_stop = on_token, should_stop
         self.tokens: list[list[int]] = [[] for _ in range(n)]
         self.ended = [False] * n  # EOS seen
@@ -30,7 +30,7 @@ class RowHooks(BaseStreamer, StoppingCriteria):
         for row, token in enumerate(value.reshape(-1).tolist()):
             if self.ended[row] or (self.keep[row] is not None and len(self.tokens[row]) >= self.keep[row]):
                 continue
-            if token == self.eos:
+            if token in self.stops:
                 self.ended[row] = True
                 continue
             self.tokens[row].append(token)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -11,9 +12,13 @@ import torch
 import torch.nn.functional as F
 
 from afinar import data, hardware
+from afinar import targets as lora_targets
+from afinar.backends import torch_head
 from afinar.config import Config
 from afinar.errors import AfinarError
 from afinar.models import ResolvedModel, hub_load_error
+
+log = logging.getLogger("afinar")
 
 
 def pick_device() -> torch.device:
@@ -72,14 +77,22 @@ def load_base(cfg: Config, model: ResolvedModel, device: torch.device, dtype: to
 
 
 def new_lora(base, cfg: Config):
-    """`base` with fresh LoRA weights on `lora.target_modules` (seeded: same seed, same adapter)."""
+    """`base` with fresh LoRA weights on `lora.target_modules` (seeded: same seed, same adapter).
+
+    The names are resolved against this model's layers first (`targets.py`: fused qkv_proj, all-linear,
+    an error listing the layers for a name that matches nothing).
+    """
     from peft import LoraConfig, get_peft_model
 
     lora = cfg.lora
+    chosen = lora_targets.resolve(lora.target_modules,
+                                  [n for n, m in base.named_modules() if isinstance(m, torch.nn.Linear)])
+    for notice in chosen.notices:
+        log.warning(notice)
     torch.manual_seed(cfg.train.seed)
     try:
         return get_peft_model(base, LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                                               target_modules=list(lora.target_modules), task_type="CAUSAL_LM"))
+                                               target_modules=chosen.peft_target_modules, task_type="CAUSAL_LM"))
     except ValueError as e:
         names = sorted({n.split(".")[-1] for n, m in base.named_modules() if isinstance(m, torch.nn.Linear)})
         raise AfinarError(f"lora.target_modules={lora.target_modules}: {str(e).splitlines()[0]} "
@@ -103,15 +116,18 @@ def loss_sum(model, batch: list[data.Encoded], pad: int, device: torch.device,
     ids = torch.from_numpy(p.ids).to(device)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     head = base.get_output_embeddings()
+    # The model's own objective: its output scaling (Granite, Cohere, Falcon-H1, softcapping) applied
+    # to the head's output, or the full forward for a head step torch_head.py does not know.
+    transform = torch_head.head_transform(base)
     # No padding mask: rows are right-padded, so under the causal mask a real token never sees
     # padding (it comes after it) and padding positions carry no target. The outputs that count
     # are the same, and attention runs as plain causal (flash) attention instead of a masked
     # kernel that expands the mask per head (3 GB on a 7B step).
     with precision or contextlib.nullcontext():
-        if getattr(base.config, "final_logit_softcapping", None) is None and hasattr(base, "get_decoder"):
+        if transform is not None:
             hidden = base.get_decoder()(input_ids=ids).last_hidden_state
-            logits = head(hidden.reshape(-1, hidden.shape[-1]).index_select(0, where))
-        else:  # models that transform logits after the head: take the plain path
+            logits = transform(base, head(hidden.reshape(-1, hidden.shape[-1]).index_select(0, where)))
+        else:
             logits = model(input_ids=ids).logits
             logits = logits.reshape(-1, logits.shape[-1]).index_select(0, where)
     return F.cross_entropy(logits.float(), labels, reduction="sum"), len(labels)

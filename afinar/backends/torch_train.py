@@ -201,17 +201,15 @@ class TorchTrainer:
 
     def trainable_by_kind(self) -> dict[str, int]:
         """Trainable parameters per adapted layer name (q_proj, v_proj, ...), for the start line."""
-        counts: dict[str, int] = {}
-        for name, p in self.model.named_parameters():
-            if p.requires_grad:
-                kind = name.split(".lora_")[0].rsplit(".", 1)[-1]
-                counts[kind] = counts.get(kind, 0) + p.numel()
-        return counts
+        from afinar.targets import count_by_kind
+
+        return count_by_kind((n, p.numel()) for n, p in self.model.named_parameters() if p.requires_grad)
 
     def memory(self) -> dict[str, float]:
         return torch_model.memory(self.device)
 
     def describe(self) -> dict[str, Any]:
         info = torch_model.describe(self.cfg, self.device, self.dtype, self.model)
+        info["trainable_parameters_by_module"] = self.trainable_by_kind()
         info["fast_paths"] = sorted(self.levers)
         return info
