@@ -26,10 +26,9 @@ MID_RUN = 3  # exit code: training stopped; the run's checkpoints are kept for -
 NO_SPACE, READ_ONLY, NO_PERMISSION, NOT_A_FOLDER, RUN_REMOVED = (
     "no_space", "read_only", "no_permission", "not_a_folder", "run_removed")
 
-_ERRNO = {
-    errno.ENOSPC: NO_SPACE, errno.EDQUOT: NO_SPACE, errno.EFBIG: NO_SPACE,
-    errno.EROFS: READ_ONLY, errno.EACCES: NO_PERMISSION, errno.EPERM: NO_PERMISSION, errno.ENOTDIR: NOT_A_FOLDER,
-}
+_ERRNO = {getattr(errno, name): reason for name, reason in (  # getattr: not every OS has EDQUOT
+    ("ENOSPC", NO_SPACE), ("EDQUOT", NO_SPACE), ("EFBIG", NO_SPACE), ("EROFS", READ_ONLY),
+    ("EACCES", NO_PERMISSION), ("EPERM", NO_PERMISSION), ("ENOTDIR", NOT_A_FOLDER)) if hasattr(errno, name)}
 # The OS message as libraries quote it when they do not raise OSError themselves.
 _TEXT = (
     ("No space left on device", NO_SPACE), ("Disk quota exceeded", NO_SPACE),
@@ -78,7 +77,7 @@ def explain(error: BaseException, path: str | Path, run: str | Path | None = Non
     elif reason == READ_ONLY:
         text = f"Cannot write {path}: its filesystem is read-only. Choose an --output on a writable disk."
     elif reason == NO_PERMISSION:
-        text = (f"No permission to write {path} (as user {getpass.getuser()}). Fix the permissions of {where}, "
+        text = (f"No permission to write {path} (as user {_user()}). Fix the permissions of {where}, "
                 "or choose another --output.")
     else:
         blocker = _file_above(path)
@@ -110,6 +109,13 @@ def writing(path: str | Path, run: str | Path | None = None, mid_run: bool = Fal
         if clean is None:
             raise
         raise clean from e
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except Exception:  # noqa: BLE001 - a container without a passwd entry: the name is only informative
+        return "this user"
 
 
 def _short(error: BaseException) -> str:
