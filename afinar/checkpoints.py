@@ -106,8 +106,7 @@ def best(run_tmp: Path) -> tuple[dict, Path] | None:
     if damage:
         raise CheckpointDamaged(
             f"{path} is damaged ({'; '.join(damage)}): its adapter cannot be used as the run's adapter. "
-            f"Restore it, or delete {path} and continue with: afinar train --resume "
-            f"{Path(run_tmp).with_name(Path(run_tmp).name.removesuffix('.partial'))} "
+            f"Restore it, or delete {path} and continue with: afinar train --resume {_output_of(run_tmp)} "
             "(the run then ends with the last adapter, unless a later validation check writes a new best)."
         )
     return info, path
@@ -209,11 +208,10 @@ def _newest_valid(run_tmp: Path, loader: Callable[[Path], None] | None) -> Resum
             continue
         return Resumable(step, path, state, skipped, verified, loaded=loader is not None)
     if skipped:
-        output = run_tmp.with_name(run_tmp.name.removesuffix(".partial"))
         raise NoValidCheckpoint(
             f"No checkpoint of {run_tmp} can be resumed: "
             + "; ".join(f"step {s.step} is damaged ({s.reason})" for s in skipped)
-            + f". Restore the damaged files, or start over with: afinar train --output {output} --overwrite"
+            + f". Restore the damaged files, or start over with: afinar train --output {_output_of(run_tmp)} --overwrite"
         )
     return None
 
@@ -235,6 +233,12 @@ def _read_json_object(path: Path) -> tuple[dict | None, str | None]:
     if not isinstance(obj, dict):
         return None, f"{path.name} is not a JSON object"
     return obj, None
+
+
+def _output_of(run_tmp: Path) -> Path:
+    """The --output of the run being written in `run_tmp` (`<output>.partial`)."""
+    run_tmp = Path(run_tmp)
+    return run_tmp.with_name(run_tmp.name.removesuffix(".partial"))
 
 
 def _short(error: BaseException) -> str:

@@ -90,13 +90,18 @@ def acquire(output: str | Path, command: str | None = None) -> RunLock:
             if os.name == "nt" or _same_file(file, path):
                 break
             file.close()
+        lock = RunLock(path, file)
         info = {"pid": os.getpid(), "command": command or shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]),
                 "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-        file.seek(0)
-        file.truncate()
-        file.write((json.dumps(info) + "\n").encode())
-        file.flush()
-    return RunLock(path, file)
+        try:
+            file.seek(0)
+            file.truncate()
+            file.write((json.dumps(info) + "\n").encode())
+            file.flush()
+        except BaseException:
+            lock.release()
+            raise
+    return lock
 
 
 def holder(output: str | Path) -> dict | None:
