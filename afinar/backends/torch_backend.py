@@ -135,6 +135,10 @@ class TorchBackend:
                 from afinar.backends.torch_fast import fuse_pointwise
 
                 fuse_pointwise(self.model)
+                if not self._fsdp():  # fused LoRA layers (torch_lora_fused.py); FSDP shards the weights they read
+                    from afinar.backends.torch_lora_fused import fuse_lora
+
+                    fuse_lora(self.model)
             params = [p for p in self.model.parameters() if p.requires_grad]
             self.optimizer = torch.optim.AdamW(
                 params, lr=self.cfg.train.learning_rate, weight_decay=self.cfg.train.weight_decay,
