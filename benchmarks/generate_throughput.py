@@ -145,7 +145,7 @@ def main(argv=None) -> None:
     R.free_gpu()
 
     # afinar: what `afinar serve` / `afinar ask` load: dequantize + merge when the GPU has room.
-    cfg = load_config(preset_path("cuda-80gb"), [f"model.base={args.shape}"])
+    cfg = load_config(preset_path("cuda-80gb"), [f"model.base={args.shape}", *R.dtype_overrides()])
     backend = TorchBackend(cfg)
     t0 = time.perf_counter()
     backend.attach(base, tok, folder, trainable=False)

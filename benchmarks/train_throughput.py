@@ -87,7 +87,7 @@ def afinar_way(base, tok, examples, overrides: list[str], preset: str, steps: in
     from afinar.config import load_config, preset_path
     from afinar.train import Prepared, micro_batches
 
-    cfg = load_config(preset_path(preset), overrides)
+    cfg = load_config(preset_path(preset), overrides + R.dtype_overrides())
     backend = TorchBackend(cfg)
     backend.fuse_ops = fuse and backend.device.type == "cuda"
     backend.cuda_speedups = mixed and backend.device.type == "cuda"
