@@ -121,7 +121,8 @@ def save_bf16(shape: str, tok, folder: Path, seed: int = 0) -> Path:
     return Path(folder)
 
 
-def environment(argv: list[str]) -> dict:
+def environment(argv: list[str], gpu: bool = True) -> dict:
+    """Command, date, versions and (`gpu`: asking CUDA, which starts a context) the GPU's name and memory."""
     import peft
     import transformers
 
@@ -140,7 +141,7 @@ def environment(argv: list[str]) -> dict:
         info["versions"]["triton"] = triton.__version__
     except ImportError:
         pass
-    if torch.cuda.is_available():
+    if gpu and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
         info["gpu_memory_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
     return info

@@ -331,17 +331,50 @@ def print_table(setup: str, rows: dict, summary: dict) -> None:
           f"untrained loss spread: {summary['untrained_loss_spread']}")
 
 
+def merge(old: dict | None, new: dict) -> dict:
+    """`new`'s rows over `old`'s (rows of earlier calls kept), the ratios recomputed over all of them."""
+    if old and any(old.get(k) != new.get(k) for k in ("shape", "examples", "timing")):
+        raise SystemExit("results measured with another shape, example count or timing cannot be merged: "
+                         f"{ {k: old.get(k) for k in ('shape', 'examples', 'timing')} } vs "
+                         f"{ {k: new.get(k) for k in ('shape', 'examples', 'timing')} }")
+    order = {r: i for i, r in enumerate(ROWS + OPTIONAL_ROWS)}
+    setups = {}
+    for name in SETUPS:
+        rows = {**((old or {}).get("setups", {}).get(name, {}).get("rows", {})),
+                **new["setups"].get(name, {}).get("rows", {})}
+        if rows:
+            rows = dict(sorted(rows.items(), key=lambda kv: order[kv[0]]))
+            setups[name] = {"lora": SETUPS[name], "rows": rows, **summarise(rows)}
+    gpus = {r.get("gpu") for setup in setups.values() for r in setup["rows"].values() if r.get("gpu")}
+    commands = list(dict.fromkeys((old or {}).get("commands", []) + new.get("commands", [])))
+    return {**new, "gpu": ", ".join(sorted(gpus)) or None, "commands": commands, "setups": setups}
+
+
+def save(path: str | None, section: dict, argv: list[str]) -> dict:
+    """Merge `section` into the train_peers section of the results file at `path` (after every row: a
+    call stopped at its time limit keeps what it measured); returns the merged section."""
+    from benchmarks import random_7b as R
+
+    if not path:
+        return merge(None, section)
+    old = json.loads(Path(path).read_text()).get("train_peers") if Path(path).is_file() else None
+    merged = merge(old, section)
+    R.merge_results(Path(path), "train_peers", merged, R.environment(argv, gpu=False))
+    return merged
+
+
 def drive(args) -> dict:
     import torch
 
     from benchmarks import random_7b as R
 
+    wanted = [r for r in args.rows.split(",") if r]
+    names = [n for n in args.setup.split(",") if n]
+    unknown = (set(wanted) - set(ROWS + OPTIONAL_ROWS)) | (set(names) - set(SETUPS))
+    if unknown or not wanted:
+        raise SystemExit(f"unknown rows or setups {sorted(unknown)}; rows: {ROWS + OPTIONAL_ROWS}; setups: {list(SETUPS)}")
     cuda = torch.cuda.is_available()
     args.tokenizer = args.tokenizer or str(Path(R.tokenizer(None).name_or_path))  # built once here, read by every row
-    wanted = [r for r in args.rows.split(",") if r]
-    unknown = set(wanted) - set(ROWS + OPTIONAL_ROWS)
-    if unknown:
-        raise SystemExit(f"unknown rows {sorted(unknown)}; choose from {ROWS + OPTIONAL_ROWS}")
     unsloth = None
     if any(r.startswith("unsloth") for r in wanted):
         if not cuda or importlib.util.find_spec("unsloth") is None:
@@ -349,31 +382,38 @@ def drive(args) -> dict:
         else:
             subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", "save", "--shape", args.shape,
                             "--tokenizer", args.tokenizer, "--folder", args.folder, "--result", "-"], cwd=REPO, check=True)
-    names = args.setup.split(",")
     if cuda:  # one process per row: each peak is its own
         jobs = [([n], [r]) for n in names for r in wanted]
     else:  # one per system: imports cost more than the rows here
         jobs = [(names, [r for r in wanted if parse_row(r)[0] == s]) for s in ("plain", "unsloth", "afinar")]
-    results: dict = {n: {} for n in names}
+    section = {"shape": args.shape, "examples": args.examples or (400 if args.shape == "tiny" else 1200),
+               "timing": {"warmup_steps": args.warmup, "windows": args.windows, "steps_per_window": args.steps},
+               "flop_per_token": FLOP_PER_TOKEN, "peak_flops": PEAK_FLOPS,
+               "commands": [" ".join(["python"] + sys.argv)], "setups": {n: {"rows": {}} for n in names}}
+    merged = merge(None, section)
     for job_setups, job_rows in (j for j in jobs if j[1]):
         if unsloth and job_rows[0].startswith("unsloth"):
             got = {n: {r: {"skipped": unsloth} for r in job_rows} for n in job_setups}
         else:
             got = _spawn(args, job_setups, job_rows, UNSLOTH_ENV if job_rows[0].startswith("unsloth") else None)
         for n in job_setups:
-            results[n].update(got[n])
-    setups = {}
-    for setup in names:
-        rows = {r: results[setup][r] for r in wanted}
-        summary = summarise(rows)
-        print_table(setup, rows, summary)
-        setups[setup] = {"lora": SETUPS[setup], "rows": rows, **summary}
-    section = {"shape": args.shape, "examples": args.examples or (400 if args.shape == "tiny" else 1200),
-               "timing": {"warmup_steps": args.warmup, "windows": args.windows, "steps_per_window": args.steps},
-               "flop_per_token": FLOP_PER_TOKEN, "peak_flops": PEAK_FLOPS, "setups": setups}
-    if args.out:
-        R.merge_results(Path(args.out), "train_peers", section, R.environment(sys.argv))
-    return section
+            section["setups"][n]["rows"].update(got[n])
+        merged = save(args.out, section, sys.argv)
+    for name, setup in merged["setups"].items():
+        print_table(name, setup["rows"], setup)
+    return merged
+
+
+def merge_files(files: list[str], out: str | None) -> dict:
+    """One results section from several calls' files (rows split over calls to stay within a time limit)."""
+    merged = None
+    for f in files:
+        merged = merge(merged, json.loads(Path(f).read_text())["train_peers"])
+    if out:
+        merged = save(out, merged, sys.argv)
+    for name, setup in merged["setups"].items():
+        print_table(name, setup["rows"], setup)
+    return merged
 
 
 def main(argv=None) -> None:
@@ -387,7 +427,8 @@ def main(argv=None) -> None:
     p.add_argument("--windows", type=int, default=3)
     p.add_argument("--steps", type=int, default=10, help="steps per timed window")
     p.add_argument("--folder", default="/dev/shm/afinar-peers-model", help="the bf16 copy of the model Unsloth loads")
-    p.add_argument("--out", default=None)
+    p.add_argument("--out", default=None, help="results file; rows already in it (earlier calls) are kept")
+    p.add_argument("--merge", nargs="+", default=None, metavar="FILE", help="only merge these calls' results into --out")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--result", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -395,6 +436,8 @@ def main(argv=None) -> None:
         args.warmup = 1 if args.shape == "tiny" else 3
     if args.child:
         child(args)
+    elif args.merge:
+        merge_files(args.merge, args.out)
     else:
         drive(args)
 
