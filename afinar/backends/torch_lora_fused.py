@@ -1,23 +1,22 @@
-"""Fused LoRA layers for training: the frozen base matmul and the LoRA update in one autograd Function.
+"""Fused LoRA layers for training: route a PEFT LoRA model through torch_lora_math's autograd Functions.
 
 PEFT runs a LoRA linear as `base(x) + lora_B(lora_A(dropout(x))) * s`: the base matmul (4-bit
 weights dequantized by bitsandbytes), two small matmuls, a scale, a clone and an add forward,
-as many again backward plus an add of the two input gradients; each is a kernel launch, a pass
-over the output and Python overhead. On a 7B QLoRA step these cost about a quarter of the time
-(benchmarks/results/2026-11-29-h200-profile-afinar-auto.txt). Here one Function computes
+as many again backward plus an add of the two input gradients, and transformers' rotary
+embedding is ~8 eager kernels each way per layer; each is a launch, a pass over memory and
+Python overhead. On a 7B QLoRA step these cost about a quarter of the time
+(benchmarks/results/2026-11-29-h200-profile-afinar-auto.txt). `fuse_lora` routes, per model:
 
-    y  = x W^T (+ b) + s (x A^T) B^T          the update added by the GEMM itself (addmm_)
-    dx = dy W + s (dy B) A,   dA = s (dy B)^T x,   dB = s dy^T (x A^T)
+- every LoRA Linear through one Function (base matmul + update, torch_lora_math.Projections);
+- the q/k/v projections of Llama / Mistral / Qwen2 attention through one Function run just
+  before transformers' own attention forward, which then finds each projection's output ready;
+- their SwiGLU MLPs through one Function (torch_lora_math.SwiGLU);
+- their rotary embedding through a Function with its own backward (torch_lora_math.Rotary).
 
-with W dequantized again in backward, never kept: autograd keeps x and the small x A^T. The
-q/k/v projections of one input run as one Function that adds their input gradients into one
-buffer; the SwiGLU MLP keeps gate(x) and up(x) only and recomputes the activation in backward.
-
-The design follows Unsloth (unslothai/unsloth: unsloth/kernels/fast_lora.py, LoRA_W, LoRA_QKV
-and LoRA_MLP; matmul_lora and fast_dequantize in unsloth/kernels/utils.py); the code is our own,
-on bitsandbytes' public `dequantize_4bit`. `fuse_lora` patches a model only where this is
-PEFT's function exactly; tests/test_lora_fused.py checks loss and every LoRA gradient against
-plain PEFT on Llama, Mistral and Qwen2, NF4 and dense.
+Only where this is PEFT's and transformers' function exactly: LoRA dropout 0, one active plain
+LoRA adapter, frozen nn.Linear or bitsandbytes 4-bit base layers, and the module classes and
+forwards it was written against; anything else keeps its forward and a debug line says why.
+tests/test_lora_fused.py checks loss and every LoRA gradient against plain PEFT.
 """
 
 from __future__ import annotations
@@ -29,168 +28,12 @@ import types
 from collections import Counter
 
 import torch
-import torch.nn.functional as F
+
+from afinar.backends.torch_lora_math import Plan, Projections, Rotary, SwiGLU, pointwise, rope
 
 log = logging.getLogger("afinar")
 
 ARCHITECTURES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}
-
-# ------------------------------------------------------------ the math
-
-
-def _weight(layer, dtype: torch.dtype) -> torch.Tensor:
-    """The frozen base weight (out x in) in `dtype`; a bitsandbytes 4-bit one dequantized into a temporary."""
-    state = getattr(layer.weight, "quant_state", None)
-    if state is None:
-        return layer.weight.to(dtype)
-    from bitsandbytes.functional import dequantize_4bit
-
-    return dequantize_4bit(layer.weight.data, state).to(dtype)
-
-
-def _project(x, layer, A, B, s: float, dtype):
-    """(x W^T (+ b) + s (x A^T) B^T, x A^T) for 2-D `x`; A, B in `dtype`, or None without LoRA."""
-    W = _weight(layer, dtype)
-    y = x @ W.t() if layer.bias is None else torch.addmm(layer.bias.to(dtype), x, W.t())
-    del W
-    if A is None:
-        return y, None
-    xa = x @ A.t()
-    y.addmm_(xa, B.t(), alpha=s)
-    return y, xa
-
-
-def _lora_ab(g, dy, x, xa, s: float):
-    """(dA, dB) of one LoRA update from g = s dy B: dA = g^T x, dB = s dy^T (x A^T)."""
-    return g.t() @ x, dy.t() @ (xa * s)
-
-
-def _input_grad(dx, dy, layer, g, A, dtype):
-    """dx + dy W + g A (a new tensor when dx is None), W dequantized again and dropped."""
-    W = _weight(layer, dtype)
-    dx = dy @ W if dx is None else dx.addmm_(dy, W)
-    del W
-    if g is not None:
-        dx.addmm_(g, A)
-    return dx
-
-
-def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """LlamaMLP / MistralMLP / Qwen2MLP: act_fn(gate_proj(x)) * up_proj(x) with act_fn = SiLU."""
-    return F.silu(gate) * up
-
-
-def swiglu_backward(dh: torch.Tensor, gate: torch.Tensor, up: torch.Tensor):
-    """(h, d gate, d up) of h = silu(gate) * up; h is recomputed (forward did not keep it)."""
-    e = gate.float()
-    sig = torch.sigmoid(e)
-    dhf = dh.float()
-    d_up = dhf * (e * sig)
-    d_gate = dhf * up.float() * sig * (1 + e * (1 - sig))  # silu'(e) = s (1 + e (1 - s))
-    return swiglu(gate, up), d_gate.to(dh.dtype), d_up.to(dh.dtype)
-
-
-def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """transformers' `(x * cos) + (rotate_half(x) * sin)` for one of q / k."""
-    half = x.shape[-1] // 2
-    return (x * cos) + (torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin)
-
-
-class _Plan:
-    """What a fused call needs beside its tensors: base layers, LoRA scales, compute dtype, activation."""
-
-    __slots__ = ("layers", "scales", "dtype", "act", "act_backward", "lora_dtypes")
-
-    def __init__(self, layers, scales, dtype, lora_dtypes, act=None, act_backward=None):
-        self.layers, self.scales, self.dtype, self.lora_dtypes = layers, scales, dtype, lora_dtypes
-        self.act, self.act_backward = act, act_backward
-
-
-def _flat(x):
-    return x.reshape(-1, x.shape[-1])
-
-
-def _cast_grads(grads, plan):
-    return tuple(None if g is None else g.to(t) for g, t in zip(grads, plan.lora_dtypes))
-
-
-class _Projections(torch.autograd.Function):
-    """y_i = x W_i^T (+ b_i) + s_i (x A_i^T) B_i^T for projections of one input: o_proj alone, or q/k/v.
-
-    Arguments after the plan: A_1, B_1, A_2, B_2, ... (None for a projection without LoRA).
-    """
-
-    @staticmethod
-    def forward(ctx, x, plan: _Plan, *lora):
-        dtype = plan.dtype
-        x2 = _flat(x).to(dtype)
-        low = [None if t is None else t.to(dtype) for t in lora]
-        outs, xas = [], []
-        for i, layer in enumerate(plan.layers):
-            y, xa = _project(x2, layer, low[2 * i], low[2 * i + 1], plan.scales[i], dtype)
-            outs.append(y.view(*x.shape[:-1], y.shape[-1]))
-            xas.append(xa)
-        ctx.plan, ctx.x_shape, ctx.x_dtype = plan, x.shape, x.dtype
-        ctx.save_for_backward(x2, *low, *xas)
-        return tuple(outs)
-
-    @staticmethod
-    def backward(ctx, *dys):
-        plan, n = ctx.plan, len(ctx.plan.layers)
-        x2, *rest = ctx.saved_tensors
-        low, xas = rest[: 2 * n], rest[2 * n:]
-        dx, grads = None, []
-        for i, layer in enumerate(plan.layers):
-            A, B, s = low[2 * i], low[2 * i + 1], plan.scales[i]
-            dy = _flat(dys[i]).to(plan.dtype)
-            g = (dy @ B).mul_(s) if A is not None else None
-            grads += _lora_ab(g, dy, x2, xas[i], s) if g is not None else (None, None)
-            if ctx.needs_input_grad[0]:
-                dx = _input_grad(dx, dy, layer, g, A, plan.dtype)
-        dx = None if dx is None else dx.view(ctx.x_shape).to(ctx.x_dtype)
-        return (dx, None, *_cast_grads(grads, plan))
-
-
-class _SwiGLU(torch.autograd.Function):
-    """down(silu(gate(x)) * up(x)), each projection with its LoRA (or none); keeps x, gate(x), up(x).
-
-    Arguments after the plan: A and B of gate, up, down (None where a projection has no LoRA).
-    """
-
-    @staticmethod
-    def forward(ctx, x, plan: _Plan, *lora):
-        dtype = plan.dtype
-        gate, up, down = plan.layers
-        x2 = _flat(x).to(dtype)
-        low = [None if t is None else t.to(dtype) for t in lora]
-        e, xa_gate = _project(x2, gate, low[0], low[1], plan.scales[0], dtype)
-        u, xa_up = _project(x2, up, low[2], low[3], plan.scales[1], dtype)
-        y, ha = _project(plan.act(e, u), down, low[4], low[5], plan.scales[2], dtype)
-        ctx.plan, ctx.x_shape, ctx.x_dtype = plan, x.shape, x.dtype
-        ctx.save_for_backward(x2, e, u, *low, xa_gate, xa_up, ha)
-        return y.view(*x.shape[:-1], y.shape[-1])
-
-    @staticmethod
-    def backward(ctx, dy):
-        plan, dtype = ctx.plan, ctx.plan.dtype
-        gate, up, down = plan.layers
-        x2, e, u, *low, xa_gate, xa_up, ha = ctx.saved_tensors
-        s_gate, s_up, s_down = plan.scales
-        dy = _flat(dy).to(dtype)
-        # down: its input gradient first; its LoRA gradient needs h, which the activation's backward recomputes
-        g = (dy @ low[5]).mul_(s_down) if low[4] is not None else None
-        h, de, du = plan.act_backward(_input_grad(None, dy, down, g, low[4], dtype), e, u)
-        grads_down = _lora_ab(g, dy, h, ha, s_down) if g is not None else (None, None)
-        del h
-        grads, dx = [], None
-        for layer, A, B, s, xa, d in ((gate, low[0], low[1], s_gate, xa_gate, de), (up, low[2], low[3], s_up, xa_up, du)):
-            g = (d @ B).mul_(s) if A is not None else None
-            grads += _lora_ab(g, d, x2, xa, s) if g is not None else (None, None)
-            if ctx.needs_input_grad[0]:
-                dx = _input_grad(dx, d, layer, g, A, dtype)
-        dx = None if dx is None else dx.view(ctx.x_shape).to(ctx.x_dtype)
-        return (dx, None, *_cast_grads((*grads, *grads_down), plan))
-
 
 # ------------------------------------------------------------ which modules compute exactly this
 
@@ -317,6 +160,8 @@ class _Group:
             return None  # a projection was swapped out (merged, unloaded) since patching
         device = x.device.type
         autocast = torch.is_autocast_enabled(device)
+        if autocast and device != "cuda":  # PEFT's 4-bit layer follows CUDA's autocast only
+            return None
         dtype = torch.get_autocast_dtype(device) if autocast else x.dtype
         layers, scales, lora = [], [], []
         for m in self.members:
@@ -343,7 +188,7 @@ class _Group:
             elif not autocast and layer.weight.dtype != dtype:
                 return None
             layers.append(layer)
-        plan = _Plan(layers, scales, dtype, [None if t is None else t.dtype for t in lora], self.act, self.act_backward)
+        plan = Plan(layers, scales, dtype, [None if t is None else t.dtype for t in lora], self.act, self.act_backward)
         return plan, lora
 
     def run(self, function, x):
@@ -358,7 +203,7 @@ def _projection_forward(self, x, *args, **kwargs):
         if ready is not None and ready[0] is x:
             return ready[1]
         group = self.__dict__.get("_afinar_group")
-        if group is not None and (out := group.run(_Projections, x)) is not None:
+        if group is not None and (out := group.run(Projections, x)) is not None:
             return out[0]
     return type(self).forward(self, x, *args, **kwargs)
 
@@ -371,7 +216,7 @@ def _attention_forward(self, *args, **kwargs):
     """
     x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
     group = self._afinar_group
-    outs = group.run(_Projections, x)
+    outs = group.run(Projections, x)
     if outs is None:
         return type(self).forward(self, *args, **kwargs)
     for member, out in zip(group.members, outs):
@@ -384,7 +229,7 @@ def _attention_forward(self, *args, **kwargs):
 
 
 def _mlp_forward(self, x):
-    out = self._afinar_group.run(_SwiGLU, x)
+    out = self._afinar_group.run(SwiGLU, x)
     if out is not None:
         return out
     previous = self.__dict__.get("_afinar_previous")
@@ -395,8 +240,8 @@ _FORWARDS = (_projection_forward, _attention_forward, _mlp_forward)
 _ROTARY: dict[str, list] = {}  # transformers modeling module -> [its apply_rotary_pos_emb, models using ours]
 
 
-def _hold_rotary(module, function) -> bool:
-    """Route the modeling module's apply_rotary_pos_emb through `rope` (refcounted); False if not HF's formula."""
+def _hold_rotary(module, functions) -> bool:
+    """Route the modeling module's apply_rotary_pos_emb through `Rotary` (refcounted); False if not HF's formula."""
     name = type(module).__module__
     if name not in _ROTARY:
         mod = importlib.import_module(name)
@@ -407,7 +252,9 @@ def _hold_rotary(module, function) -> bool:
 
         def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
             cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
-            return function(q, cos, sin), function(k, cos, sin)
+            if cos.requires_grad or sin.requires_grad:  # never in these models; `Rotary` has no gradient for them
+                return rope(q, k, cos, sin)
+            return Rotary.apply(q, k, cos, sin, functions)
 
         mod.apply_rotary_pos_emb = apply_rotary_pos_emb
         _ROTARY[name] = [original, 0]
@@ -424,27 +271,55 @@ def _release_rotary(name: str) -> None:
         del _ROTARY[name]
 
 
-def _pointwise(device, compile: bool):
-    """(swiglu, swiglu_backward, rope): compiled on `device` (one kernel each), or eager."""
-    if not compile:
-        return swiglu, swiglu_backward, rope
-    from afinar.backends.torch_fast import compiled
+BLOCKS = {"attention": ["q_proj", "k_proj", "v_proj"], "mlp": ["gate_proj", "up_proj", "down_proj"]}
 
-    with torch.no_grad():  # the activation runs inside autograd Functions: no graph of its own
-        act = compiled(swiglu, device, (16, 64), (16, 64), backward=False)
-        act_backward = compiled(swiglu_backward, device, (16, 64), (16, 64), (16, 64), backward=False)
-    q = torch.randn(2, 4, 8, 16, device=device, dtype=torch.bfloat16, requires_grad=True)
-    cos, sin = (torch.randn(2, 1, 8, 16, device=device, dtype=torch.bfloat16) for _ in range(2))
-    return act, act_backward, compiled(rope, device, q, cos, sin)
+
+def _block_kind(module) -> str | None:
+    if isinstance(module, _known("Attention")):
+        return "attention"
+    return "mlp" if isinstance(module, _known("MLP")) else None
+
+
+def _block_problem(module, kind: str) -> str | None:
+    """Why a Llama/Mistral/Qwen2 attention or MLP block is left alone (None: it is fused)."""
+    if kind == "attention":
+        ok = _own_forward(module, *ATTENTION_LINES)
+    else:
+        ok = _mlp_forward_known(module) and type(getattr(module, "act_fn", None)).__name__ in ("SiLU", "SiLUActivation")
+    if not ok:
+        return f"{type(module).__name__} forward is not the one fused here"
+    members = {n: getattr(module, n) for n in BLOCKS[kind]}
+    for n, m in members.items():
+        if "_afinar_group" in m.__dict__:  # a LoRA layer fused on its own already
+            continue
+        if (why := _lora_problem(m) if hasattr(m, "lora_A") else _base_problem(m)) is not None:
+            return f"{n}: {why}"
+    return None if any(hasattr(m, "lora_A") for m in members.values()) else "no LoRA layer in it"
+
+
+def _patch_block(module, kind: str, functions) -> None:
+    names = BLOCKS[kind]
+    group = _Group(module, names, *functions[:2])
+    if kind == "attention":
+        for m in group.members:
+            m.__dict__.setdefault("_afinar_group", None)  # plain base layers: take the ready output only
+            m.forward = types.MethodType(_projection_forward, m)
+        forward = _attention_forward
+    else:
+        module.__dict__["_afinar_previous"] = module.__dict__.get("forward")  # torch_fast's, or none
+        forward = _mlp_forward
+    module.__dict__["_afinar_group"] = group
+    module.forward = types.MethodType(forward, module)
 
 
 def fuse_lora(model, compile: bool = True) -> dict:
     """Route the LoRA layers, q/k/v projections and SwiGLU MLPs of a PEFT LoRA model through fused Functions.
 
     Only where it is PEFT's function exactly: LoRA dropout 0, one active plain LoRA adapter (no
-    DoRA, no LoRA bias), frozen nn.Linear or bitsandbytes 4-bit base layers, and Llama / Mistral /
-    Qwen2 attention and MLP modules running transformers' own forward. Everything else keeps its
-    forward (a debug line says why). Also routes those models' rotary embedding through `rope`.
+    DoRA, no LoRA bias; rsLoRA only changes the scale, read from PEFT's `scaling`), frozen
+    nn.Linear or bitsandbytes 4-bit base layers, and Llama / Mistral / Qwen2 attention and MLP
+    modules running transformers' own forward. Everything else keeps its forward (a debug line
+    says why). Also routes those models' rotary embedding through `Rotary`.
     `compile=False` keeps the pointwise functions eager (CPU tests of the math); on CUDA they are
     compiled. Returns counts: {"linear", "attention", "mlp", "rotary": patched, "skipped": {reason: n}}.
     """
@@ -465,42 +340,18 @@ def fuse_lora(model, compile: bool = True) -> dict:
             module.forward = types.MethodType(_projection_forward, module)
             counts["linear"] += 1
 
-    pointwise = None
+    functions = None  # compiled on first use: a model without LoRA in its blocks compiles nothing
     for name, module in model.named_modules():
-        if isinstance(module, _known("Attention")):
-            kind, names, ok = "attention", ["q_proj", "k_proj", "v_proj"], _own_forward(module, *ATTENTION_LINES)
-        elif isinstance(module, _known("MLP")):
-            kind, names = "mlp", ["gate_proj", "up_proj", "down_proj"]
-            ok = _mlp_forward_known(module) and type(getattr(module, "act_fn", None)).__name__ in ("SiLU", "SiLUActivation")
-        else:
+        if (kind := _block_kind(module)) is None:
             continue
-        if not ok:
-            skip(kind, name, f"{type(module).__name__} forward is not the one fused here")
-            continue
-        members = [getattr(module, n) for n in names]
-        why = next((f"{n}: {w}" for n, m in zip(names, members)
-                    if (w := (None if "_afinar_group" in m.__dict__ else
-                              _lora_problem(m) if hasattr(m, "lora_A") else _base_problem(m))) is not None), None)
-        if why is None and not any(hasattr(m, "lora_A") for m in members):
-            why = "no LoRA layer in it"
-        if why is not None:
+        if (why := _block_problem(module, kind)) is not None:
             skip(kind, name, why)
             continue
-        if pointwise is None:
-            pointwise = _pointwise(next(model.parameters()).device, compile)
-        group = _Group(module, names, *pointwise[:2])
-        if kind == "attention":
-            for m in members:
-                m.__dict__.setdefault("_afinar_group", None)  # plain base layers: take the ready output only
-                m.forward = types.MethodType(_projection_forward, m)
-            module.__dict__["_afinar_group"] = group
-            module.forward = types.MethodType(_attention_forward, module)
-            counts["rotary"] += _hold_rotary(module, pointwise[2])
-        else:
-            module.__dict__["_afinar_previous"] = module.__dict__.get("forward")
-            module.__dict__["_afinar_group"] = group
-            module.forward = types.MethodType(_mlp_forward, module)
+        functions = functions or pointwise(next(model.parameters()).device, compile)
+        _patch_block(module, kind, functions)
         counts[kind] += 1
+        if kind == "attention":
+            counts["rotary"] += _hold_rotary(module, functions[2])
     counts["skipped"] = dict(skipped)
     return counts
 
