@@ -237,7 +237,12 @@ def child(args) -> None:
     rows = args.child.split(",")
     if any(r.startswith("unsloth") for r in rows):
         import unsloth  # noqa: F401  (Unsloth patches transformers: it must come first)
+    import logging
+
     import torch
+
+    logging.basicConfig(format="%(name)s %(levelname)s %(message)s")
+    logging.getLogger("afinar").setLevel(logging.DEBUG)  # fuse_lora says what it leaves alone, and why
 
     from benchmarks import random_7b as R
 
