@@ -184,7 +184,7 @@ def test_plain_peft_model_with_rslora(tiny_model):
             p.grad = None
         loss = model(input_ids=ids, attention_mask=attn, labels=labels).loss
         loss.backward()
-        return float(loss), {n: p.grad.clone() for n, p in params.items()}
+        return float(loss.detach()), {n: p.grad.clone() for n, p in params.items()}
 
     plain = loss_and_grads()
     counts = fuse_lora(model, compile=False)
