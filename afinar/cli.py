@@ -184,8 +184,7 @@ def eval_run(
     from afinar import atomic, evaluate, report
 
     quiet_libraries()
-    say = (lambda msg: None) if as_json else (lambda msg: err_console.print(f"[dim]{escape(msg)}[/]", highlight=False))
-    result = evaluate.evaluate_run(run, data, max_tokens, batch_size, latency_samples, on_progress=say)
+    result = evaluate.evaluate_run(run, data, max_tokens, batch_size, latency_samples)  # stages show on stderr
     target = output or run / "eval.json"
     atomic.write_json(target, result)
     if as_json:
