@@ -7,7 +7,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from afinar import events
-from afinar.status import SLOW_S, Stage, done_line, use_console
+from afinar import status
 
 
 class TrainingDisplay:
@@ -24,8 +24,8 @@ class TrainingDisplay:
         self.progress: Progress | None = None
         self.task = None
         self.total = 0
-        self.stages: dict[str, Stage] = {}
-        use_console(self.console)  # stages of library code (GGUF, hashing) then share this terminal
+        self.stages: dict[str, status.Stage] = {}
+        status.use_console(self.console)  # stages of library code (GGUF, hashing) then share this terminal
 
     def __call__(self, e: events.Event) -> None:
         if isinstance(e, events.Start):
@@ -66,13 +66,13 @@ class TrainingDisplay:
             if self.progress is not None:
                 self.progress.update(self.task, stats=f"{e.stage}...")
             else:
-                self.stages[e.stage] = Stage(e.stage, self.console).start()
+                self.stages[e.stage] = status.Stage(e.stage, self.console).start()
             return
         stage = self.stages.pop(e.stage, None)
         if stage is not None:  # it prints its own line (if it was slow and finished)
             stage.stop(ok=e.seconds is not None)
-        elif e.seconds is not None and e.seconds > SLOW_S:
-            self._print(f"  {done_line(e.stage, e.seconds)}", dim=True)
+        elif e.seconds is not None and e.seconds > status.SLOW_S:
+            self._print(f"  {status.done_line(e.stage, e.seconds)}", dim=True)
 
     def _start(self, e: events.Start) -> None:
         dev = e.device

@@ -61,8 +61,9 @@ def done_line(text: str, seconds: float) -> str:
 class Stage:
     """One slow step: `start()`, optionally `update()`, then `stop(ok)`. `status()` wraps it."""
 
-    def __init__(self, text: str, console: Console | None = None, slow_s: float = SLOW_S):
-        self.text, self.console, self.slow_s = text, console or default_console(), slow_s
+    def __init__(self, text: str, console: Console | None = None, slow_s: float | None = None):
+        self.text, self.console = text, console or default_console()
+        self.slow_s = SLOW_S if slow_s is None else slow_s
         self.started: float | None = None
         self.seconds: float | None = None
         self._task = None
@@ -105,7 +106,7 @@ class Stage:
 
 
 @contextmanager
-def status(text: str, console: Console | None = None, slow_s: float = SLOW_S) -> Iterator[Stage]:
+def status(text: str, console: Console | None = None, slow_s: float | None = None) -> Iterator[Stage]:
     """Show `text` with the elapsed time while the block runs (see the module docstring)."""
     stage = Stage(text, console, slow_s).start()
     try:
