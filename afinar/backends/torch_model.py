@@ -91,12 +91,16 @@ def new_lora(base, cfg: Config):
         log.warning(notice)
     torch.manual_seed(cfg.train.seed)
     try:
-        return get_peft_model(base, LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                                               target_modules=chosen.peft_target_modules, task_type="CAUSAL_LM"))
+        model = get_peft_model(base, LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                                target_modules=chosen.peft_target_modules, task_type="CAUSAL_LM"))
     except ValueError as e:
         names = sorted({n.split(".")[-1] for n, m in base.named_modules() if isinstance(m, torch.nn.Linear)})
         raise AfinarError(f"lora.target_modules={lora.target_modules}: {str(e).splitlines()[0]} "
                           f"Linear layers in this model: {names}.") from None
+    # PEFT takes the base's name from the folder it was loaded from (for the embedded or a GGUF model,
+    # afinar's cache); adapter_config.json names it as the user did, as the MLX backend's does.
+    model.peft_config["default"].base_model_name_or_path = cfg.model.base
+    return model
 
 
 def loss_sum(model, batch: list[data.Encoded], pad: int, device: torch.device,
@@ -174,5 +178,7 @@ def describe(cfg: Config, device: torch.device, dtype: torch.dtype, model=None) 
 
 
 def save_peft(model, folder: str | Path) -> None:
-    model.save_pretrained(str(folder))
+    # afinar never resizes the embeddings: no full embedding copy, and no look-up of the base's config by
+    # its name (PEFT's "auto" asks the hub, which the embedded model's name is not on).
+    model.save_pretrained(str(folder), save_embedding_layers=False)
     (Path(folder) / "README.md").unlink(missing_ok=True)  # PEFT's empty model card; we write our own guide
