@@ -94,6 +94,41 @@ def _in_hub_cache(repo_id: str) -> bool:
         return False
 
 
+def saved_quantization(config: dict) -> str | None:
+    """How a model's weights are stored, from its config.json: None (full precision), 'bnb-4bit'
+    (bitsandbytes, as `*-bnb-4bit` hub models ship), 'mlx' (mlx-lm's affine quantization, as
+    mlx-community ships), or another method's name ('gptq', 'awq', ...)."""
+    if isinstance(config.get("quantization"), dict):  # mlx-lm writes it (and a copy as quantization_config)
+        return "mlx"
+    qc = config.get("quantization_config") or (config.get("text_config") or {}).get("quantization_config")
+    if not qc:
+        return None
+    method = qc.get("quant_method")
+    if method == "bitsandbytes":
+        return "bnb-4bit" if qc.get("load_in_4bit") else "bnb-8bit"
+    if method is None and {"bits", "group_size"} <= set(qc):
+        return "mlx"
+    return str(method)
+
+
+def local_folder(model: ResolvedModel) -> Path:
+    """The model's folder on this machine: a hub id is downloaded (or found in the hub cache) first.
+
+    For the backends that read files themselves (MLX); transformers downloads by itself.
+    """
+    if model.is_local:
+        return Path(model.path)
+    from huggingface_hub import snapshot_download
+
+    try:
+        with status(f"Downloading {model.name} from the model hub (once; later runs use the hub cache)"):
+            # weights, config, tokenizer and chat template: not the other formats some repos carry too
+            return Path(snapshot_download(model.path, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt",
+                                                                      "*.jinja", "*.tiktoken"]))
+    except Exception as e:  # offline, typo, gated repo: the same message as for torch
+        raise hub_load_error(model.name, e) from None
+
+
 def hub_load_error(base: str, exc: Exception) -> AfinarError:
     """The message for a hub id that cannot be loaded (offline, typo, gated repo)."""
     return AfinarError(
