@@ -24,6 +24,7 @@ import time
 import unicodedata
 from datetime import datetime, timezone
 from pathlib import Path
+
 from afinar import data, schedule
 from afinar.data import Example
 from afinar.errors import AfinarError
@@ -61,7 +62,7 @@ def answer_all(predictor, questions: list[str], batch_size: int = 16, max_tokens
                label: str = "") -> list[dict]:
     """Greedy answers, `batch_size` questions per generate call (a status line counts them: `label`)."""
     answers: list[dict] = []
-    with status(f"{label}answering {len(questions)} questions, {batch_size} at a time") as stage:
+    with status(f"{label}Answering {len(questions)} questions, {batch_size} at a time") as stage:
         for i in range(0, len(questions), batch_size):
             answers += predictor.ask_many(questions[i : i + batch_size], max_tokens=max_tokens)
             stage.update(len(answers), len(questions))

@@ -90,12 +90,17 @@ def test_compare_ratios_and_agreement_follow_the_figures(compared):
     assert results["warnings"] == [] and "Warning" not in md  # same base, data, validation file and steps
 
 
-def test_compare_warns_when_runs_differ(compared, tmp_path):
+def test_compare_warns_when_runs_differ(compared, tmp_path, monkeypatch):
     """Another base, validation file and step count: each is named in the terminal and in comparison.md."""
+    from afinar import compare
     from afinar.synthetic import make_random_model
     from afinar.train import run_training
 
     from conftest import tiny_config
+
+    # Evaluate in this process (the sub-process path is the fixture's): the warnings are what is tested here.
+    monkeypatch.setattr(compare, "evaluate_in_process", lambda run, data_file, out_json, max_tokens, latency_samples,
+                        batch_size, echo=None: evaluate.evaluate_run(run, data_file, max_tokens, batch_size, latency_samples))
 
     root, _, _ = compared
     lora = root / "runs" / "lora"
