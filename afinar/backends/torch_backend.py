@@ -337,11 +337,20 @@ class TorchBackend:
 
     # ------------------------------------------------------------ inference
 
-    @torch.inference_mode()
     def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
                  top_p: float = 1.0, seed: int = 0, on_token=None, should_stop=None) -> list[list[int]]:
+        # afinar.engine (continuous batching): ask, eval and serve answer through the one engine.
+        from afinar.engine import engine_for
+
+        return engine_for(self).generate(prompts, max_new_tokens, temperature, top_p, seed, on_token, should_stop)
+
+    @torch.inference_mode()
+    def generate_static(self, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
+                        top_p: float = 1.0, seed: int = 0, on_token=None, should_stop=None,
+                        plain: bool = False) -> list[list[int]]:
+        """The earlier whole-batch generate (serve.engine=static; `plain`: transformers only, serve.engine=transformers)."""
         eos = self.tokenizer.eos_token_id
-        if (fast := self._fast_decoder(prompts, max_new_tokens)) is not None:
+        if not plain and (fast := self._fast_decoder(prompts, max_new_tokens)) is not None:
             return fast.generate(prompts, max_new_tokens, eos, temperature, top_p, seed, on_token, should_stop)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos
         width = max(len(p) for p in prompts)
@@ -390,9 +399,10 @@ class TorchBackend:
         The merged weights are never re-quantized: rounding W + BA back to 4 bits can erase an
         update that small (PEFT's own bnb merge does re-quantize, so it is not used here).
         """
+        from afinar.backends import fast_decode
+
         model = self.model
-        if self._decoder is not None:  # its fused weights are views that serialisers would dedupe
-            self._decoder.unfuse()
+        fast_decode.unfuse(model)  # fused q/k/v weights (the engine's, or _decoder's) are views serialisers would dedupe
         model = torch_weights.merge_into_dense(model, self.dtype, quantized=self.cfg.model.quantization != "none")
         model.save_pretrained(str(folder))
 
