@@ -46,7 +46,7 @@ def field_path(loc) -> str:
     """A pydantic location as the field is written in the body: messages[2].content."""
     out = ""
     for part in loc:
-        if part == "body":
+        if part == "body" or isinstance(part, str) and "[" in part:  # 'body', and union members: list[TextPart]
             continue
         out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
     return out or "body"
@@ -74,7 +74,12 @@ class TextPart(_Body):
 
 class Message(_Body):
     role: Literal["system", "user", "assistant", "developer"]
-    content: Union[Text, list[TextPart]] = Field(description="A string, or a list of text parts.")
+    content: Union[str, list[TextPart]] = Field(description="A string, or a list of text parts.")
+
+    @field_validator("content")
+    @classmethod
+    def _text(cls, v):
+        return _encodable(v) if isinstance(v, str) else v
 
     def plain(self) -> dict:
         """{'role', 'content'} as the chat template wants it ('developer' is OpenAI's newer name for system)."""
@@ -106,7 +111,7 @@ class ChatRequest(Sampling):
     model: Optional[Text] = Field(None, description="Ignored: the server answers with its one run.")
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: Optional[int] = Field(None, ge=1, description="OpenAI's newer name for max_tokens.")
-    stop: Union[Text, list[Text], None] = Field(None, description="Up to 4 strings that end the answer (not included).")
+    stop: Union[str, list[str], None] = Field(None, description="Up to 4 strings that end the answer (not included).")
     stop_token_ids: list[int] = Field([], max_length=16, description="Token ids that end the answer (vLLM's extension).")
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
@@ -130,7 +135,7 @@ class ChatRequest(Sampling):
             raise ValueError(f"at most 4 stop strings, got {len(stops)}")
         if any(not s for s in stops):
             raise ValueError("a stop string is empty")
-        return stops
+        return [_encodable(s) for s in stops]
 
     @field_validator("stop_token_ids")
     @classmethod

@@ -27,8 +27,9 @@ def add_routes(app: FastAPI, state: State) -> None:
         context = state.engine.max_len
         if context is not None:
             if len(prompt) >= context:
-                raise ApiError(400, f"The prompt has {len(prompt)} tokens; this server reads at most {context - 1} "
-                               "(serve.max_context, capped by the model's context). Send a shorter conversation.",
+                raise ApiError(400, f"The prompt has {len(prompt)} tokens; a request holds at most {context} tokens, "
+                               "prompt and answer (serve.max_context, capped by the model's context). "
+                               "Send a shorter conversation.",
                                "invalid_request_error", "context_length_exceeded", param="messages")
             tokens = min(tokens, context - len(prompt))
         return tokens
