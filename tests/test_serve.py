@@ -27,7 +27,7 @@ CHAT = {"messages": [{"role": "user", "content": "Onde joga o Farense?"}], "max_
 def run(tmp_path_factory):
     from afinar.synthetic import make_tiny_run
 
-    return make_tiny_run(tmp_path_factory.mktemp("serve") / "run")
+    return make_tiny_run(tmp_path_factory.getbasetemp() / "serving" / "run")  # built once per session, shared
 
 
 @pytest.fixture(scope="module")
