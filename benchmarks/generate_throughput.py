@@ -3,9 +3,9 @@
 Plain rows: `model.generate` (greedy, left padding) on the NF4 base with the adapter kept apart
 (what a QLoRA run loads by default elsewhere), and on bf16 weights with the adapter merged.
 afinar rows: `TorchBackend.attach(..., trainable=False)` (dequantize + merge on a GPU with
-room) and `TorchBackend.generate`, which on CUDA runs the static-cache CUDA-graph decoder
-(afinar/backends/fast_decode.py). Same random model, adapter and prompts everywhere; greedy
-tokens of afinar's rows are compared with both plain rows.
+room) and `TorchBackend.generate`, which goes through the serving engine: on CUDA its static-KV
+CUDA-graph runner (afinar/engine/torch_runner.py over afinar/backends/fast_decode.py). Same random
+model, adapter and prompts everywhere; greedy tokens of afinar's rows are compared with both plain rows.
 
     python benchmarks/generate_throughput.py --tokenizer .bench/tok --out benchmarks/results/2026-11-29-h200.json
     python benchmarks/generate_throughput.py --shape tiny --new-tokens 8     # CPU smoke run
@@ -195,7 +195,7 @@ def main(argv=None) -> None:
     print("greedy agreement:", checks)
     section = {"shape": args.shape, "new_tokens": n, "prompts": len(many),
                "prompt_tokens": [min(map(len, many)), max(map(len, many))], "adapter_scale": args.adapter_scale,
-               "afinar_load_s": load_s, "afinar_layers": merged_name, "fast_decoder": backend._decoder is not None,
+               "afinar_load_s": load_s, "afinar_layers": merged_name, "engine_runner": type(backend._engine.runner).__name__,
                "rows": rows, "greedy_agreement": checks}
     if args.out:
         R.merge_results(Path(args.out), "generate", section, env)

@@ -295,3 +295,21 @@ def test_incremental_text_equals_the_full_decode(tiny_tokenizer):
     assert any(cut._push_token(t, outbox) for t in ids)
     cut._finish("stop", outbox)
     assert "".join(item for _, item in outbox if isinstance(item, str)) == cut.text == text[: text.index("Faro")]
+
+
+def test_a_request_may_fill_its_kv_slot_exactly(model, tiny_tokenizer, words):
+    tok = tiny_tokenizer
+    from afinar.engine.scheduler import Engine
+
+    decode = lambda ids: tok.decode(ids, skip_special_tokens=True)  # noqa: E731
+    p = prompt(tok, words, 30, 3)
+    expected = hf_greedy(model, p, 300 - len(p), tok.eos_token_id)
+    for pipeline in (False, True):
+        engine = Engine(TorchRunner(model, 4, 300, 64, pipeline=pipeline), decode, {tok.eos_token_id})
+        assert engine.max_len == 300
+        full = run(engine, [Request(p, SamplingParams(max_tokens=300 - len(p))),
+                            Request(p[:10], SamplingParams(max_tokens=7))])[0]
+        assert full.finish_reason in ("length", "stop") and full.tokens == expected[: len(full.tokens)]
+        assert len(full.prompt) + len(full.tokens) <= 300
+        with pytest.raises(ValueError):
+            engine.submit(Request(list(range(1, 301)), SamplingParams()))

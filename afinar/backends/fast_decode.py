@@ -7,6 +7,10 @@ so on CUDA it is captured once as a CUDA graph and each token costs one graph re
 layers are the model's own modules (norms, projections, MLP, rotary embedding); only the
 attention over the static cache is written here. On CPU the same code runs without graphs:
 tests/test_fast_paths.py checks its greedy tokens equal `generate` on the unmerged adapter.
+
+`DecoderStack` is the layer-by-layer model; the serving engine's runner (afinar/engine/
+torch_runner.py) drives it over per-row KV slots. `StaticDecoder` is the earlier whole-batch
+decoder, kept for `serve.engine=static`.
 """
 
 from __future__ import annotations

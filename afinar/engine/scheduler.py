@@ -263,8 +263,8 @@ class Engine:
             self.runner.reset()
             return
         self.counts["steps"] += 1
-        if produced:
-            self.samples["step_rows"].append(len(produced))
+        if produced:  # a row may bring two tokens (its first, from the prefill, and the next)
+            self.samples["step_rows"].append(len({id(h) for h, _ in produced}))
         for req, token in produced:
             if req.done:
                 continue  # a token of a step launched before its request ended

@@ -177,7 +177,8 @@ class TorchRunner:
                     self._set_active(c.slot, True)
         if self.decoding:
             b = bucket(max(self.decoding) + 1, self.row_sizes)
-            keys = max(self.host_pos[s] for s in self.decoding) + 1
+            # A row one launch past its end (its result not read yet) feeds at max_len: clamped (see _decode).
+            keys = min(max(self.host_pos[s] for s in self.decoding) + 1, self.max_len)
             self._grow(keys)
             if self._active_dirty:
                 self.active.copy_(torch.tensor(self._active_host, pin_memory=self.device.type == "cuda"),
@@ -260,7 +261,7 @@ class TorchRunner:
         groups: dict[int, list[int]] = {}
         for s in self.decoding:
             if s < b:
-                groups.setdefault(bucket(self.host_pos[s] + 1, self.len_sizes), []).append(s)
+                groups.setdefault(bucket(min(self.host_pos[s] + 1, self.max_len), self.len_sizes), []).append(s)
         index = {n: torch.tensor(sorted(rows), device=self.device) for n, rows in groups.items()}
 
         def attend(q, keys, values, mask):
