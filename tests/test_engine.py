@@ -83,7 +83,7 @@ def test_a_request_answers_the_same_alone_or_in_a_batch_of_32(model, tiny_tokeni
     batch = mixed_requests(tok, words, 32)
     assert max(len(r.prompt) for r in batch) > 3 * 64, "some prompts must be prefilled in several chunks"
     run(engine, batch)
-    assert engine.metrics()["rows_per_step_max"] >= 12, "the requests ran together"
+    assert engine.metrics()["rows_per_step_max"] >= 8, "the requests ran together"
     alone = [run(engine, [fresh(r)])[0] for r in batch]
     for i, (b, a) in enumerate(zip(batch, alone)):
         assert b.finish_reason in ("stop", "length"), b.error
