@@ -8,7 +8,6 @@ stop tokens, other max_tokens), and its greedy tokens are those of plain transfo
 from __future__ import annotations
 
 import random
-import threading
 
 import pytest
 import torch

@@ -181,8 +181,7 @@ class TorchRunner:
             keys = min(max(self.host_pos[s] for s in self.decoding) + 1, self.max_len)
             self._grow(keys)
             if self._active_dirty:
-                self.active.copy_(torch.tensor(self._active_host, pin_memory=self.device.type == "cuda"),
-                                  non_blocking=True)
+                self.active.copy_(self._to_device(self._active_host, torch.bool))
                 self._active_dirty = False
             graph = self._graph(b, bucket(keys, self.len_sizes))
             if graph is not None:
@@ -211,6 +210,11 @@ class TorchRunner:
             event.synchronize()
         values = host.tolist()
         return [(handle, values[which][slot]) for handle, which, slot in record]
+
+    def _to_device(self, data, dtype=torch.long) -> torch.Tensor:
+        """Host values to the device without waiting for it (pinned, non-blocking on CUDA): the step launched
+        before keeps running while this one is prepared."""
+        return torch.tensor(data, dtype=dtype, pin_memory=self.device.type == "cuda").to(self.device, non_blocking=True)
 
     def _set_active(self, slot: int, on: bool) -> None:
         self._active_host[slot] = on
@@ -281,13 +285,12 @@ class TorchRunner:
         ends = [c.start + len(c.tokens) for c in chunks]
         n_keys = bucket(max(ends), self.len_sizes)
         self._grow(n_keys)
-        dev = self.device
-        ids = torch.tensor([c.tokens + [0] * (width - len(c.tokens)) for c in chunks], device=dev)
-        positions = torch.tensor([[min(c.start + j, self.max_len - 1) for j in range(width)] for c in chunks], device=dev)
-        slots = torch.tensor([c.slot for c in chunks], device=dev)
+        ids = self._to_device([c.tokens + [0] * (width - len(c.tokens)) for c in chunks])
+        positions = self._to_device([[min(c.start + j, self.max_len - 1) for j in range(width)] for c in chunks])
+        slots = self._to_device([c.slot for c in chunks])
         valid = [(r, j) for r, c in enumerate(chunks) for j in range(len(c.tokens))]
-        w_row = torch.tensor([r for r, _ in valid], device=dev)
-        w_tok = torch.tensor([j for _, j in valid], device=dev)
+        w_row = self._to_device([r for r, _ in valid])
+        w_tok = self._to_device([j for _, j in valid])
         w_slot, w_pos = slots[w_row], positions[w_row, w_tok]
         mask = (self.key_idx[:n_keys][None, None, :] <= positions[:, :, None])[:, None]
 
@@ -313,13 +316,13 @@ class TorchRunner:
         done = [r for r, c in enumerate(chunks) if c.last]
         if not done:
             return
-        rows = torch.tensor(done, device=dev)
-        last = h[rows, torch.tensor([len(chunks[r].tokens) - 1 for r in done], device=dev)]
+        rows = self._to_device(done)
+        last = h[rows, self._to_device([len(chunks[r].tokens) - 1 for r in done])]
         if self.exact and len(done) < MIN_ROWS_CPU:
             last = torch.cat([last, last.new_zeros((MIN_ROWS_CPU - len(done), last.shape[1]))])
         logits = self.stack.logits(last)[: len(done)]
         done_slots = slots[rows]
-        counter = torch.tensor([ends[r] for r in done], device=dev)
+        counter = self._to_device([ends[r] for r in done])
         sampled = [i for i, r in enumerate(done) if not self.params[chunks[r].slot].greedy]
         first = choose(logits, self.temperature[done_slots], self.top_p[done_slots], self.seed[done_slots],
                        counter, self.vocab_hash, None if self.use_graphs else sampled)
