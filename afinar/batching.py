@@ -68,7 +68,10 @@ class Job:
             remaining = deadline - self._loop.time()
             if remaining <= 0:
                 raise TimeoutError
-            item = await asyncio.wait_for(self._events.get(), remaining)
+            try:
+                item = await asyncio.wait_for(self._events.get(), remaining)
+            except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
+                raise TimeoutError from None
             if item is _END:
                 return
             yield item

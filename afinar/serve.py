@@ -97,7 +97,7 @@ class Guard:
                 return await receive()
             try:
                 message = await asyncio.wait_for(receive(), self.body_timeout)
-            except TimeoutError:
+            except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
                 raise HTTPException(408, f"The request body did not arrive within serve.body_timeout_s="
                                          f"{self.body_timeout} s.") from None
             complete = not message.get("more_body", False)

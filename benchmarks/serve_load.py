@@ -19,10 +19,10 @@ load falls on each alike; on a GPU (`--one-at-a-time`) they run one after the ot
     # CPU, tiny random model (the committed result):
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/serve_load.py --concurrency 16 --requests 1000 \\
         --out benchmarks/results/serve-load-cpu.json
-    # H200, random Mistral-7B shape, bf16 merged adapter:
+    # H200, random Mistral-7B shape, bf16 merged adapter (about 10 minutes):
     python benchmarks/serve_load.py --shape mistral-7b --tokenizer .bench/tok --one-at-a-time \\
-        --concurrency 1,8,32,64 --requests 256 --max-tokens 128 --long-tokens 1500 \\
-        --set serve.max_batch_size=64 --out benchmarks/results/serve-load-h200.json
+        --concurrency 1,8,32,64 --requests 512 --level-seconds 20 --warmup 8 --max-tokens 128 \\
+        --long-tokens 1500 --hol-rounds 4 --set serve.max_batch_size=64 --out benchmarks/results/serve-load-h200.json
 """
 
 from __future__ import annotations
@@ -110,6 +110,7 @@ class Tally:
 
     def __init__(self):
         self.ttft, self.itl, self.latency, self.tokens, self.errors, self.wall, self.sent = [], [], [], 0, [], 0.0, 0
+        self.cut = 0  # requests not sent: the level's --level-seconds ran out
 
     def summary(self) -> dict:
         def pct(values, p):
@@ -117,7 +118,7 @@ class Tally:
             return round(1000 * v[min(len(v) - 1, int(p * len(v)))], 1) if v else None
 
         ok = len(self.latency)
-        return {"requests": self.sent, "ok": ok, "errors": len(self.errors), "error_samples": self.errors[:5],
+        return {"requests": self.sent, "not_sent_time_limit": self.cut, "ok": ok, "errors": len(self.errors), "error_samples": self.errors[:5],
                 "wall_s": round(self.wall, 2), "requests_per_s": round(ok / self.wall, 2) if self.wall else None,
                 "generated_tokens": self.tokens,
                 "generated_tokens_per_s": round(self.tokens / self.wall, 1) if self.wall else None,
@@ -153,8 +154,12 @@ async def one(client, messages, max_tokens: int, tally: Tally) -> float | None:
     return end - t0
 
 
-async def load(url: str, bodies: list[tuple[list[dict], int]], concurrency: int, tally: Tally | None) -> list:
-    """Send `bodies` (messages, max_tokens) with `concurrency` in flight, in order; latencies in order."""
+async def load(url: str, bodies: list[tuple[list[dict], int]], concurrency: int, tally: Tally | None,
+               seconds: float = 0) -> list:
+    """Send `bodies` (messages, max_tokens) with `concurrency` in flight, in order; latencies in order.
+
+    With `seconds` > 0 no request starts after that long (the rest are not sent, not counted).
+    """
     from openai import AsyncOpenAI
 
     client = AsyncOpenAI(base_url=f"{url}/v1", api_key=os.environ.get("AFINAR_API_KEY", "none"), max_retries=0,
@@ -163,15 +168,19 @@ async def load(url: str, bodies: list[tuple[list[dict], int]], concurrency: int,
     results: list = [None] * len(bodies)
     queue = list(enumerate(bodies))
     t0 = time.perf_counter()
+    sent = 0
 
     async def worker():
-        while queue:
+        nonlocal sent
+        while queue and not (seconds and time.perf_counter() - t0 > seconds):
             i, (messages, n) = queue.pop(0)
+            sent += 1
             results[i] = await one(client, messages, n, tally)
 
     await asyncio.gather(*(worker() for _ in range(min(concurrency, len(bodies)))))
     tally.wall += time.perf_counter() - t0
-    tally.sent += len(bodies)
+    tally.sent += sent
+    tally.cut += len(queue)
     await client.close()
     return results
 
@@ -191,16 +200,18 @@ def measure(urls: dict[str, str], args, shorts, long) -> dict:
     out = {e: {"levels": {}, "rss_mb": {}} for e in urls}
     for c in args.levels:
         for e, url in urls.items():  # warm-up at this level (graph capture, allocator), not counted
-            asyncio.run(load(url, mix(shorts, long, max(args.warmup, c), 0, args.max_tokens, args.long_every), c, None))
+            asyncio.run(load(url, mix(shorts, long, max(args.warmup, c), 0, args.max_tokens, args.long_every), c, None,
+                             args.level_seconds))
             out[e]["rss_mb"].setdefault("after_warmup", metrics(url)["rss_mb"])
         tallies = {e: Tally() for e in urls}
         per_round = -(-args.requests // args.rounds)
         for r in range(args.rounds):
             for e in (list(urls) if r % 2 == 0 else list(reversed(urls))):
                 n = min(per_round, args.requests - tallies[e].sent)
-                if n > 0:
+                left = args.level_seconds - tallies[e].wall if args.level_seconds else 0
+                if n > 0 and left >= 0:
                     asyncio.run(load(urls[e], mix(shorts, long, n, tallies[e].sent, args.max_tokens, args.long_every),
-                                     c, tallies[e]))
+                                     c, tallies[e], left if args.level_seconds else 0))
         for e in urls:
             out[e]["levels"][str(c)] = tallies[e].summary()
             print(f"{e:13} c={c:<3} {json.dumps(out[e]['levels'][str(c)])}", file=sys.stderr, flush=True)
@@ -210,7 +221,7 @@ def measure(urls: dict[str, str], args, shorts, long) -> dict:
         for _ in range(args.hol_rounds):
             alone += asyncio.run(load(url, [(s, args.max_tokens) for s in shorts[:hol]], hol, None))
             mixed += asyncio.run(load(url, [(long, args.max_tokens)] + [(s, args.max_tokens) for s in shorts[:hol]],
-                                      hol + 1, None))[1:]
+                                      hol + 1, None))[1:]  # the long prompt goes first
         p95 = lambda xs: round(1000 * sorted(xs)[min(len(xs) - 1, int(0.95 * len(xs)))], 1) if xs else None  # noqa: E731
         alone, mixed = [x for x in alone if x is not None], [x for x in mixed if x is not None]
         out[e]["head_of_line"] = {"short_p95_ms_alone": p95(alone), "short_p95_ms_with_one_long_prompt": p95(mixed),
@@ -283,6 +294,8 @@ def main() -> None:
     ap.add_argument("--long-every", type=int, default=16, help="Every Nth request is the long prompt (0: none).")
     ap.add_argument("--warmup", type=int, default=64, help="Requests sent per level before measuring.")
     ap.add_argument("--rounds", type=int, default=10, help="Rounds alternating between the engines, per level.")
+    ap.add_argument("--level-seconds", type=float, default=0,
+                    help="Per engine and level, stop starting requests (warm-up and measured) after this long (0: never).")
     ap.add_argument("--hol-concurrency", type=int, default=8)
     ap.add_argument("--hol-rounds", type=int, default=10)
     ap.add_argument("--one-at-a-time", action="store_true", help="One server at a time (a GPU holds one 7B server).")
@@ -303,8 +316,8 @@ def main() -> None:
                "the machine. tokens/s = completion tokens (from usage) / wall time of the level; TTFT = first non-empty "
                "streamed content; ITL = per request, (end - first token) / (completion tokens - 1). RSS from /metrics.",
         "settings": {k: getattr(args, k) for k in ("shape", "engines", "levels", "requests", "max_tokens", "long_tokens",
-                                                   "long_every", "warmup", "rounds", "hol_concurrency", "hol_rounds",
-                                                   "one_at_a_time", "settings")},
+                                                   "long_every", "warmup", "rounds", "level_seconds", "hol_concurrency",
+                                                   "hol_rounds", "one_at_a_time", "settings")},
     }
     run = args.run or make_run(args.shape, args.work, args.tokenizer)
     result["run"] = str(run)
@@ -321,18 +334,23 @@ def main() -> None:
                 result["engines"].update(measure({e: url for e, (_, url) in servers.items()}, args, shorts, long))
             finally:
                 for e, (proc, _) in servers.items():
-                    result["engines"][e]["exit_code_after_sigterm"] = stop(proc)
+                    result["engines"].setdefault(e, {})["exit_code_after_sigterm"] = stop(proc)
+            write(result, args.out)  # what is measured so far survives a later failure or time limit
         if "continuous" in result["engines"]:
             base = result["engines"]["continuous"]["levels"]
             result["continuous_vs"] = {
                 e: {c: round(base[c]["generated_tokens_per_s"] / r["generated_tokens_per_s"], 2)
                     for c, r in result["engines"][e]["levels"].items() if r["generated_tokens_per_s"]}
                 for e in result["engines"] if e != "continuous"}
-    text = json.dumps(result, indent=1, ensure_ascii=False)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n", encoding="utf-8")
-    print(text)
+    write(result, args.out)
+    print(json.dumps(result, indent=1, ensure_ascii=False))
+
+
+def write(result: dict, out: Path | None) -> None:
+    if out:
+        from afinar import atomic
+
+        atomic.write_text(out, json.dumps(result, indent=1, ensure_ascii=False) + "\n")
 
 
 if __name__ == "__main__":

@@ -150,7 +150,10 @@ class Request:
             remaining = deadline - self._loop.time()
             if remaining <= 0:
                 raise TimeoutError
-            items = [await asyncio.wait_for(self._events.get(), remaining)]
+            try:
+                items = [await asyncio.wait_for(self._events.get(), remaining)]
+            except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
+                raise TimeoutError from None
             while not self._events.empty() and items[-1] is not _END:
                 items.append(self._events.get_nowait())
             ended = items[-1] is _END
