@@ -95,7 +95,7 @@ class DataConfig(_Section):
 
 class ServeConfig(_Section):
     engine: Literal["continuous", "static", "transformers"] = Field(
-        "continuous", description="How `afinar serve` and `afinar ask` batch requests. 'continuous': requests join "
+        "continuous", description="How `afinar serve` batches requests. 'continuous' (also behind `ask` and `eval`): requests join "
         "and leave the running batch at every decode step (afinar/engine/). 'static' (torch only): the earlier "
         "batcher, whole batches through one generate call; 'transformers' (torch only): the same batcher through "
         "plain transformers generate. The last two are kept for comparison (benchmarks/serve_load.py)."
