@@ -224,6 +224,8 @@ class Engine:
         self._reap()
         if self.runner.busy():
             self._step()
+        elif any(self._rows):  # rows the runner no longer holds would wait forever (and this loop spin)
+            self._fail([r for r in self._rows if r is not None], RuntimeError("the runner lost these rows"))
         deliver(self._outbox)
         with self._cv:
             self._cv.notify_all()  # drain() and generate() wait on it
