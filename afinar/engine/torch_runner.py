@@ -132,7 +132,8 @@ class TorchRunner:
         shapes = sorted(((b, n) for b in self.row_sizes for n in self.len_sizes), reverse=True)  # largest first
         say(f"capturing {len(shapes)} CUDA graphs (rows {list(self.row_sizes)} x keys {list(self.len_sizes)})")
         for b, n in shapes:
-            self._graph(b, n)
+            if self._graph(b, n) is None:
+                break
         torch.cuda.synchronize()
 
     def _graph(self, b: int, n_keys: int):
@@ -145,17 +146,23 @@ class TorchRunner:
         # Warm-up runs execute: with every row inactive they change no row's token or position.
         saved = self.active.clone()
         self.active.zero_()
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):  # outside capture: allocator, cuBLAS handles, compiled kernels
-            for _ in range(2):
+        try:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):  # outside capture: allocator, cuBLAS handles, compiled kernels
+                for _ in range(2):
+                    self._decode(b, n_keys)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool):
                 self._decode(b, n_keys)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            self._decode(b, n_keys)
-        self.active.copy_(saved)
-        self.graphs[(b, n_keys)] = graph
+        except Exception as e:  # noqa: BLE001 - an op this GPU/driver cannot capture: stay correct, eagerly
+            log.warning("CUDA graph capture failed (%s: %s); decoding without graphs", type(e).__name__, str(e)[:200])
+            self.use_graphs, graph = False, None
+        finally:
+            self.active.copy_(saved)
+        if graph is not None:
+            self.graphs[(b, n_keys)] = graph
         return graph
 
     # ------------------------------------------------ one step
