@@ -38,14 +38,14 @@ def predictor(run):
 
 @pytest.fixture(scope="module")
 def url(predictor):
-    app = create_app(predictor=predictor, cfg=ServeConfig(batch_window_ms=100, max_tokens=32), api_key=KEY)
+    app = create_app(predictor=predictor, cfg=ServeConfig(max_tokens=32), api_key=KEY)
     with serve_in_thread(app) as base:
         yield base
 
 
 class Wrapped:
     """A runner that waits at `gate` before each step, sleeps after each step that made tokens,
-    and fails the rows whose prompt ends with `poison` (as a device error in their forward would)."""
+    and fails the rows whose stop strings include `poison` (as a device error in their forward would)."""
 
     def __init__(self, inner, seconds: float = 0.0, gate: threading.Event | None = None, poison=None):
         self.inner, self.seconds, self.gate, self.poison = inner, seconds, gate, poison
