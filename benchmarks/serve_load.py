@@ -19,10 +19,10 @@ load falls on each alike; on a GPU (`--one-at-a-time`) they run one after the ot
     # CPU, tiny random model (the committed result):
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/serve_load.py --concurrency 16 --requests 1000 \\
         --out benchmarks/results/serve-load-cpu.json
-    # H200, random Mistral-7B shape, bf16 merged adapter (about 10 minutes):
+    # H200, random Mistral-7B shape, bf16 merged adapter (8-10 minutes; the JSON is rewritten after each engine):
     python benchmarks/serve_load.py --shape mistral-7b --tokenizer .bench/tok --one-at-a-time \\
-        --concurrency 1,8,32,64 --requests 512 --level-seconds 20 --warmup 8 --max-tokens 128 \\
-        --long-tokens 1500 --hol-rounds 4 --set serve.max_batch_size=64 --out benchmarks/results/serve-load-h200.json
+        --concurrency 1,8,32,64 --requests 2000 --level-seconds 10 --warmup 8 --max-tokens 128 \\
+        --long-tokens 1500 --hol-rounds 3 --set serve.max_batch_size=64 --out benchmarks/results/serve-load-h200.json
 """
 
 from __future__ import annotations
