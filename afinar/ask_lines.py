@@ -31,7 +31,8 @@ def _parse(line: str, lineno: int, defaults: dict) -> tuple[object, AskRequest |
     try:
         item = json.loads(line)
     except ValueError as e:
-        return None, _error(f"stdin:{lineno}: not JSON ({e}); send {{\"question\": \"...\"}} or a JSON string", "invalid_json")
+        return None, _error(f"stdin:{lineno}: not JSON ({e}); send {{\"question\": \"...\"}} or a JSON string",
+                            "invalid_json")
     if isinstance(item, str):
         item = {"question": item}
     if not isinstance(item, dict):

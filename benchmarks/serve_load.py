@@ -111,6 +111,7 @@ class Tally:
     def __init__(self):
         self.ttft, self.itl, self.latency, self.tokens, self.errors, self.wall, self.sent = [], [], [], 0, [], 0.0, 0
         self.cut = 0  # requests not sent: the level's --level-seconds ran out
+        self.ttft_short = []  # time to first token of the short prompts only
 
     def summary(self) -> dict:
         def pct(values, p):
@@ -118,17 +119,19 @@ class Tally:
             return round(1000 * v[min(len(v) - 1, int(p * len(v)))], 1) if v else None
 
         ok = len(self.latency)
-        return {"requests": self.sent, "not_sent_time_limit": self.cut, "ok": ok, "errors": len(self.errors), "error_samples": self.errors[:5],
+        return {"requests": self.sent, "not_sent_time_limit": self.cut, "ok": ok, "errors": len(self.errors),
+                "error_samples": self.errors[:5],
                 "wall_s": round(self.wall, 2), "requests_per_s": round(ok / self.wall, 2) if self.wall else None,
                 "generated_tokens": self.tokens,
                 "generated_tokens_per_s": round(self.tokens / self.wall, 1) if self.wall else None,
                 "ttft_ms": {"p50": pct(self.ttft, 0.5), "p95": pct(self.ttft, 0.95)},
+                "ttft_short_prompts_ms": {"p50": pct(self.ttft_short, 0.5), "p95": pct(self.ttft_short, 0.95)},
                 "itl_ms": {"p50": pct(self.itl, 0.5), "p95": pct(self.itl, 0.95)},
                 "latency_ms": {"p50": pct(self.latency, 0.5), "p95": pct(self.latency, 0.95),
                                "mean": round(1000 * statistics.fmean(self.latency), 1) if ok else None}}
 
 
-async def one(client, messages, max_tokens: int, tally: Tally) -> float | None:
+async def one(client, messages, max_tokens: int, is_long: bool, tally: Tally) -> float | None:
     """One streamed chat completion; returns its latency (None on error)."""
     t0 = time.perf_counter()
     first = None
@@ -149,14 +152,16 @@ async def one(client, messages, max_tokens: int, tally: Tally) -> float | None:
     tally.tokens += tokens
     if first is not None:
         tally.ttft.append(first - t0)
+        if not is_long:
+            tally.ttft_short.append(first - t0)
         if tokens > 1:
             tally.itl.append((end - first) / (tokens - 1))
     return end - t0
 
 
-async def load(url: str, bodies: list[tuple[list[dict], int]], concurrency: int, tally: Tally | None,
+async def load(url: str, bodies: list[tuple[list[dict], int, bool]], concurrency: int, tally: Tally | None,
                seconds: float = 0) -> list:
-    """Send `bodies` (messages, max_tokens) with `concurrency` in flight, in order; latencies in order.
+    """Send `bodies` (messages, max_tokens, is_long) with `concurrency` in flight, in order; latencies in order.
 
     With `seconds` > 0 no request starts after that long (the rest are not sent, not counted).
     """
@@ -173,9 +178,9 @@ async def load(url: str, bodies: list[tuple[list[dict], int]], concurrency: int,
     async def worker():
         nonlocal sent
         while queue and not (seconds and time.perf_counter() - t0 > seconds):
-            i, (messages, n) = queue.pop(0)
+            i, (messages, n, is_long) = queue.pop(0)
             sent += 1
-            results[i] = await one(client, messages, n, tally)
+            results[i] = await one(client, messages, n, is_long, tally)
 
     await asyncio.gather(*(worker() for _ in range(min(concurrency, len(bodies)))))
     tally.wall += time.perf_counter() - t0
@@ -186,8 +191,11 @@ async def load(url: str, bodies: list[tuple[list[dict], int]], concurrency: int,
 
 
 def mix(shorts, long, n: int, offset: int, max_tokens: int, long_every: int) -> list:
-    return [(long if long_every and (offset + i) % long_every == long_every - 1 else shorts[(offset + i) % len(shorts)],
-             max_tokens) for i in range(n)]
+    out = []
+    for i in range(n):
+        is_long = bool(long_every) and (offset + i) % long_every == long_every - 1
+        out.append((long if is_long else shorts[(offset + i) % len(shorts)], max_tokens, is_long))
+    return out
 
 
 def metrics(url: str) -> dict:
@@ -219,9 +227,9 @@ def measure(urls: dict[str, str], args, shorts, long) -> dict:
     for e, url in urls.items():
         alone, mixed = [], []
         for _ in range(args.hol_rounds):
-            alone += asyncio.run(load(url, [(s, args.max_tokens) for s in shorts[:hol]], hol, None))
-            mixed += asyncio.run(load(url, [(long, args.max_tokens)] + [(s, args.max_tokens) for s in shorts[:hol]],
-                                      hol + 1, None))[1:]  # the long prompt goes first
+            alone += asyncio.run(load(url, [(s, args.max_tokens, False) for s in shorts[:hol]], hol, None))
+            bodies = [(long, args.max_tokens, True)] + [(s, args.max_tokens, False) for s in shorts[:hol]]
+            mixed += asyncio.run(load(url, bodies, hol + 1, None))[1:]  # the long prompt goes first
         p95 = lambda xs: round(1000 * sorted(xs)[min(len(xs) - 1, int(0.95 * len(xs)))], 1) if xs else None  # noqa: E731
         alone, mixed = [x for x in alone if x is not None], [x for x in mixed if x is not None]
         out[e]["head_of_line"] = {"short_p95_ms_alone": p95(alone), "short_p95_ms_with_one_long_prompt": p95(mixed),

@@ -52,8 +52,9 @@ def fresh(r: Request) -> Request:
 
 
 def hf_greedy(model, prompt_ids: list[int], n: int, eos: int) -> list[int]:
-    out = model.generate(input_ids=torch.tensor([prompt_ids]), attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
-                         max_new_tokens=n, do_sample=False, pad_token_id=eos)[0, len(prompt_ids):].tolist()
+    ids = torch.tensor([prompt_ids])
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                         pad_token_id=eos)[0, len(prompt_ids):].tolist()
     return out[: out.index(eos)] if eos in out else out
 
 

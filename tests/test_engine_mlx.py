@@ -44,7 +44,10 @@ def test_mlx_engine_greedy_is_mlx_lm_and_sampling_is_per_request(net, tiny_token
         eos = tok.eos_token_id
         expected = expected[: expected.index(eos)] if eos in expected else expected
         assert r.tokens == expected
-    sampled = lambda seed: Request(prompts[0], SamplingParams(max_tokens=5, temperature=1.5, top_p=0.9, seed=seed))  # noqa: E731
+
+    def sampled(seed):
+        return Request(prompts[0], SamplingParams(max_tokens=5, temperature=1.5, top_p=0.9, seed=seed))
+
     alone = run(engine, [sampled(7)])[0].tokens
     mixed = run(engine, [sampled(7), sampled(8), Request(prompts[1], SamplingParams(max_tokens=5))])
     assert mixed[0].tokens == alone  # the same draws beside other requests

@@ -73,5 +73,6 @@ def test_write_one_read_one_with_ids_errors_and_order(predictor):
         pipe.lines_in.put(json.dumps({"id": i, "question": q, "max_tokens": 3 + i % 4}) + "\n")
     replies = [json.loads(pipe.lines_out.get(timeout=60)) for _ in questions]
     assert [r["id"] for r in replies] == list(range(12))
-    assert [r["answer"] for r in replies] == [predictor.ask(q, max_tokens=3 + i % 4)["answer"] for i, q in enumerate(questions)]
+    expected = [predictor.ask(q, max_tokens=3 + i % 4)["answer"] for i, q in enumerate(questions)]
+    assert [r["answer"] for r in replies] == expected
     assert pipe.close() is True  # some lines failed: the command exits 2 at the end of its input
