@@ -224,17 +224,18 @@ def measure(urls: dict[str, str], args, shorts, long) -> dict:
             out[e]["levels"][str(c)] = tallies[e].summary()
             print(f"{e:13} c={c:<3} {json.dumps(out[e]['levels'][str(c)])}", file=sys.stderr, flush=True)
     hol = args.hol_concurrency
-    for e, url in urls.items():
-        alone, mixed = [], []
-        for _ in range(args.hol_rounds):
-            alone += asyncio.run(load(url, [(s, args.max_tokens, False) for s in shorts[:hol]], hol, None))
+    alone, mixed = {e: [] for e in urls}, {e: [] for e in urls}
+    for r in range(args.hol_rounds):  # rounds alternate between the engines, as the levels do
+        for e in (list(urls) if r % 2 == 0 else list(reversed(urls))):
+            alone[e] += asyncio.run(load(urls[e], [(s, args.max_tokens, False) for s in shorts[:hol]], hol, None))
             bodies = [(long, args.max_tokens, True)] + [(s, args.max_tokens, False) for s in shorts[:hol]]
-            mixed += asyncio.run(load(url, bodies, hol + 1, None))[1:]  # the long prompt goes first
-        p95 = lambda xs: round(1000 * sorted(xs)[min(len(xs) - 1, int(0.95 * len(xs)))], 1) if xs else None  # noqa: E731
-        alone, mixed = [x for x in alone if x is not None], [x for x in mixed if x is not None]
-        out[e]["head_of_line"] = {"short_p95_ms_alone": p95(alone), "short_p95_ms_with_one_long_prompt": p95(mixed),
-                                  "ratio": round(p95(mixed) / p95(alone), 2) if alone and mixed else None,
-                                  "short_requests": len(alone), "concurrency": hol}
+            mixed[e] += asyncio.run(load(urls[e], bodies, hol + 1, None))[1:]  # the long prompt goes first
+    p95 = lambda xs: round(1000 * sorted(xs)[min(len(xs) - 1, int(0.95 * len(xs)))], 1) if xs else None  # noqa: E731
+    for e, url in urls.items():
+        a, m = [x for x in alone[e] if x is not None], [x for x in mixed[e] if x is not None]
+        out[e]["head_of_line"] = {"short_p95_ms_alone": p95(a), "short_p95_ms_with_one_long_prompt": p95(m),
+                                  "ratio": round(p95(m) / p95(a), 2) if a and m else None,
+                                  "short_requests": len(a), "concurrency": hol}
         after = metrics(url)
         out[e]["rss_mb"]["end"] = after["rss_mb"]
         first = out[e]["rss_mb"]["after_warmup"]
