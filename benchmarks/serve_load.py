@@ -62,6 +62,7 @@ def make_run(shape: str, work: Path, tokenizer: str | None) -> Path:
 
     from afinar import atomic
     from afinar.config import load_config
+    from afinar.runs import file_sha256
     from benchmarks import random_7b as R
     from benchmarks.generate_throughput import random_adapter
 
@@ -73,6 +74,10 @@ def make_run(shape: str, work: Path, tokenizer: str | None) -> Path:
         cfg = load_config(None, [f"model.base={model_dir}", "model.quantization=none", "model.compute_dtype=bfloat16",
                                  "lora.target_modules=[q_proj,k_proj,v_proj]"])
         atomic.write_json(tmp / "training_config.json", cfg.model_dump(mode="json"))
+        adapter = tmp / "adapter_model.safetensors"  # what `afinar serve` verifies before it loads (afinar/verify.py)
+        atomic.write_json(tmp / "metadata.json", {"method": "lora", "note": "random adapter for benchmarks/serve_load.py",
+                                                  "adapter": {"file": adapter.name, "bytes": adapter.stat().st_size,
+                                                              "sha256": file_sha256(adapter)}})
         if not (model_dir / "config.json").is_file():
             with atomic.folder(model_dir) as m:
                 base.save_pretrained(m)
@@ -250,8 +255,8 @@ def measure(urls: dict[str, str], args, shorts, long) -> dict:
 
 
 def start_server(run: Path, engine: str, extra: list[str], log: Path) -> tuple[subprocess.Popen, str]:
-    afinar = Path(sys.executable).with_name("afinar")
-    args = [str(afinar), "serve", str(run), "--port", "0", "--set", f"serve.engine={engine}"]
+    # The interpreter running this script, so the server gets the same packages (no console script needed).
+    args = [sys.executable, "-m", "afinar.cli", "serve", str(run), "--port", "0", "--set", f"serve.engine={engine}"]
     for s in extra:
         args += ["--set", s]
     out = open(log, "w")
