@@ -5,8 +5,8 @@ Plain rows: `model.generate` (greedy, left padding) on the NF4 base with the ada
 afinar rows: `TorchAnswerer.attach` (dequantize + merge on a GPU with room) and `TorchAnswerer.generate`,
 which goes through the serving engine: on CUDA its static-KV CUDA-graph runner (afinar/engine/torch_runner.py
 over afinar/backends/fast_decode.py). Beside them transformers' own fastest plain path on the same
-merged weights: static KV cache + `torch.compile(model.forward, mode="reduce-overhead")`, as its
-"Optimizing inference" guide sets it up (CUDA only; `--no-static` skips it). Same random model,
+merged weights: a static KV cache, with which transformers 5's generate compiles the forward itself
+(CUDA only; `--no-static` skips it). Same random model,
 adapter and prompts everywhere; greedy tokens of afinar's rows are compared with the plain rows.
 Every row: one warm-up call, then the median of 3 timed calls.
 
@@ -125,12 +125,12 @@ def plain_rows(label: str, model, tok, prompts, new_tokens: int, rows: dict) -> 
 
 
 def static_compiled_rows(model, tok, prompts, new_tokens: int, rows: dict) -> list[list[int]] | None:
-    """transformers' own fastest plain decode (its "Optimizing inference" guide): a static KV cache
-    (`cache_implementation="static"`) and `torch.compile(model.forward, mode="reduce-overhead",
-    fullgraph=True)`, on the same merged bf16 weights. Rows at batch 1 and at len(prompts); the
-    first calls compile (reported as first_call_s). The model gets its plain forward back after."""
+    """transformers' own fastest plain decode: a static KV cache (`cache_implementation="static"`), with which
+    transformers 5's `generate` compiles the forward itself (its `compile_config`), on the same merged bf16
+    weights. Rows at batch 1 and at len(prompts); the first calls compile (reported as first_call_s).
+    (Compiling `model.forward` by hand with mode="reduce-overhead" failed on the H200, 2026-12-02: generate
+    read a CUDA-graph output after the next replay had overwritten it.)"""
     model.generation_config.cache_implementation = "static"
-    model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
     out = None
     try:
         gen = lambda ps: hf_generate(model, tok, ps, new_tokens)  # noqa: E731
@@ -145,7 +145,6 @@ def static_compiled_rows(model, tok, prompts, new_tokens: int, rows: dict) -> li
         rows["plain_bf16_static_compiled"] = {"error": f"{type(e).__name__}: {str(e)[:500]}"}
         out = None
     finally:
-        del model.forward
         model.generation_config.cache_implementation = None
         R.free_gpu()
     return out
@@ -184,7 +183,10 @@ def main(argv=None) -> None:
     R.free_gpu()
 
     # afinar: what `afinar serve` / `afinar ask` load: dequantize + merge when the GPU has room.
-    cfg = load_config(preset_path("cuda-80gb"), [f"model.base={args.shape}", *R.dtype_overrides()])
+    # serve.max_batch_size: the engine's rows; all prompts at once, as the plain rows get them (the H200 run of
+    # 2026-12-02 still ran its 32 prompts through the default 16 rows).
+    cfg = load_config(preset_path("cuda-80gb"), [f"model.base={args.shape}", *R.dtype_overrides(),
+                                                 f"serve.max_batch_size={len(many)}"])
     backend = TorchAnswerer(cfg)
     t0 = time.perf_counter()
     backend.attach(base, tok, folder)
