@@ -26,6 +26,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -168,8 +169,9 @@ class DocRunner:
         self._exec(block, [str(self.sandbox / ".venv" / "bin" / "python"), str(script)], block.code)
 
     def _js(self, block: Block) -> None:
-        if shutil.which("node") is None:
-            pytest.skip("node is not installed: the docs' Node snippets cannot run here")
+        if shutil.which("node") is None:  # CI has node; a developer's machine may not
+            warnings.warn(f"{self.name}:{block.line}: node is not installed, so this Node snippet did not run")
+            return
         if not NODE_MODULES.is_dir():
             raise SnippetFailed(f"{NODE_MODULES} is missing: run (cd examples/express && npm ci), as `make test` does")
         script = self.sandbox / f".block{self.count}.mjs"  # inside the sandbox: node finds node_modules from there
@@ -200,7 +202,7 @@ class DocRunner:
                                   text=True, timeout=600)
             output, code = done.stdout, done.returncode
         except subprocess.TimeoutExpired as e:
-            output, code = (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or ""), "timeout"
+            output, code = (e.stdout or b"").decode(errors="replace"), "timeout"  # bytes, even with text=True
         self.last_output = output
         if code != 0:
             log = self.state / "serve.log"
