@@ -1,22 +1,49 @@
-"""Checkpoints inside a run folder, and finding the one to resume from.
+"""Checkpoints inside a run folder, and finding the newest one that is still whole.
 
-  checkpoints/step_0000200/   adapter + optimizer (backend), rng_state.pkl (rng.py) + trainer_state.json (core)
-  checkpoints/best/           the adapter with the lowest validation loss so far + best.json
+  checkpoints/step_0000200/   adapter + optimizer (backend), rng_state.pkl (rng.py), trainer_state.json (core), manifest.json
+  checkpoints/best/           the adapter with the lowest validation loss so far + best.json + manifest.json
 
-Each checkpoint folder is built aside and renamed into place (`atomic.folder`), so a crash
-mid-write leaves the previous checkpoints intact and every `step_*` folder is complete.
+Each checkpoint folder is built aside and renamed into place (`atomic.folder`), its manifest
+(each file's size and sha256) written last, so a crash mid-write leaves the previous ones
+intact, and a file damaged later (a full disk, a bad copy, a flipped byte) is found and named.
+Resuming takes the newest checkpoint that matches its manifest and loads; damaged newer ones
+are reported with the steps they cost, and removed.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
-from afinar import atomic, rng
+from afinar import atomic, manifest, oserrors, rng
+from afinar.errors import AfinarError
+from afinar.runpaths import output_of
 
 STEP_DIR = re.compile(r"^step_(\d{7})$")
+TRAINER_STATE = "trainer_state.json"
+BEST = "best"
+BEST_INFO = "best.json"
+# Leftovers of writes a crash interrupted: atomic.folder's `.<name>.<8 random>` build folders and
+# `.<name>.old` swaps; atomic.write_bytes' `.<name>.<8 random>.tmp` files (and `.<name>.tmp.<ext>`).
+_TEMP_DIR = re.compile(r"^\..+\.(old|[a-z0-9_]{8})$")
+_TEMP_FILE = re.compile(r"^\..+\.tmp(\.[A-Za-z0-9]+)?$")
+
+
+class NoValidCheckpoint(AfinarError):
+    """Every step checkpoint of a run is damaged: nothing to resume from."""
+
+    exit_code = 2
+
+
+class CheckpointDamaged(AfinarError):
+    """checkpoints/best/ no longer matches its manifest."""
+
+    exit_code = 3
 
 
 def folder(run_tmp: Path) -> Path:
@@ -24,49 +51,238 @@ def folder(run_tmp: Path) -> Path:
 
 
 def step_checkpoints(run_tmp: Path) -> list[tuple[int, Path]]:
-    """Complete step checkpoints, oldest first."""
+    """Every step checkpoint folder, oldest first (complete when written; `latest` checks they still are)."""
     root = folder(run_tmp)
     if not root.is_dir():
         return []
-    found = []
-    for p in root.iterdir():
-        m = STEP_DIR.match(p.name)
-        if m and (p / "trainer_state.json").is_file():
-            found.append((int(m.group(1)), p))
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name)) and p.is_dir()]
     return sorted(found)
 
 
-def latest(run_tmp: Path) -> tuple[dict, Path] | None:
-    """(trainer state, folder) of the newest complete checkpoint, or None."""
-    found = step_checkpoints(run_tmp)
-    if not found:
-        return None
-    path = found[-1][1]
-    return json.loads((path / "trainer_state.json").read_text()), path
-
-
 def save(run_tmp: Path, backend, state: dict, keep: int) -> Path:
-    """Write checkpoints/step_NNNNNNN/ (backend state, then the core's), keep the newest `keep`."""
+    """Write checkpoints/step_NNNNNNN/ (backend state, the core's, then the manifest), keep the newest `keep`."""
     target = folder(run_tmp) / f"step_{state['step']:07d}"
-    with atomic.folder(target) as tmp:
+
+    def fill(tmp: Path) -> None:
         backend.save_state(tmp)
         rng.save(tmp, backend.rng_state())
-        atomic.write_json(tmp / "trainer_state.json", state)
+        atomic.write_json(tmp / TRAINER_STATE, state)
+
+    _write(Path(run_tmp), target, fill)
     for _, old in step_checkpoints(run_tmp)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return target
 
 
 def save_best(run_tmp: Path, backend, step: int, val_loss: float) -> Path:
-    target = folder(run_tmp) / "best"
-    with atomic.folder(target) as tmp:
+    target = folder(run_tmp) / BEST
+
+    def fill(tmp: Path) -> None:
         backend.save_adapter(tmp)
-        atomic.write_json(tmp / "best.json", {"step": step, "val_loss": val_loss})
+        atomic.write_json(tmp / BEST_INFO, {"step": step, "val_loss": val_loss})
+
+    _write(Path(run_tmp), target, fill)
     return target
 
 
+def _write(run_tmp: Path, target: Path, fill: Callable[[Path], None]) -> None:
+    """Build `target` aside with `fill`, add its manifest, rename it into place; a full disk or a
+    vanished run folder is a clean error (exit 3: training stopped mid-run)."""
+    if not run_tmp.is_dir():  # atomic.folder would quietly recreate it, holding only this checkpoint
+        raise oserrors.run_removed(run_tmp, target)
+    resumable = bool(step_checkpoints(run_tmp))  # else the run is abandoned: no "--resume" advice
+    with oserrors.writing(target, run=run_tmp, mid_run=True, resumable=resumable), atomic.folder(target) as tmp:
+        fill(tmp)
+        manifest.write(tmp)
+
+
 def best(run_tmp: Path) -> tuple[dict, Path] | None:
-    path = folder(run_tmp) / "best"
-    if not (path / "best.json").is_file():
+    """(best.json, folder) of checkpoints/best/, or None if there is none; CheckpointDamaged if it changed."""
+    path = folder(run_tmp) / BEST
+    if not path.is_dir():
         return None
-    return json.loads((path / "best.json").read_text()), path
+    damage = [str(d) for d in manifest.verify(path)] if manifest.exists(path) else []
+    info, problem = _read_json_object(path / BEST_INFO)
+    if problem:
+        damage.append(problem)
+    if damage:
+        raise CheckpointDamaged(
+            f"{path} is damaged ({'; '.join(damage)}): its adapter cannot be used as the run's adapter. "
+            f"Restore it, or delete {path} and continue with: afinar train --resume {output_of(run_tmp)} "
+            "(the run then ends with the last adapter, unless a later validation check writes a new best)."
+        )
+    return info, path
+
+
+# ---------------------------------------------------------------- resume
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A step checkpoint passed over because it is damaged."""
+
+    step: int
+    path: Path
+    reason: str
+
+
+@dataclass
+class Resumable:
+    """The checkpoint to resume from, and the newer ones that were damaged."""
+
+    step: int
+    path: Path
+    state: dict  # trainer_state.json
+    skipped: list[Skipped] = field(default_factory=list)
+    verified: bool = True  # False: written before manifests existed, so only loading it vouches for it
+    loaded: bool = False  # the backend's loader has restored it
+
+    @property
+    def steps_lost(self) -> int:
+        """Steps of training the damaged checkpoints cost beyond the newest one."""
+        return max((s.step for s in self.skipped), default=self.step) - self.step
+
+    def __iter__(self):
+        """`state, folder = latest(run)`: the (trainer state, folder) pair `latest` returned before it
+        verified checkpoints; callers that resume should move to `load_newest_valid`."""
+        return iter((self.state, self.path))
+
+    def message(self) -> str | None:
+        """What to tell the user, e.g. "checkpoint step 6 is damaged (optimizer.pt truncated: 20000 of
+        51531 bytes); resuming from step 4: 2 steps lost"; None when the newest checkpoint was fine."""
+        parts = [f"checkpoint step {s.step} is damaged ({s.reason})" for s in self.skipped]
+        if not self.verified:
+            check = "its files load" if self.loaded else "its files were not checked"
+            parts.append(f"checkpoint step {self.step} has no {manifest.MANIFEST} (written by an older afinar): {check}")
+        if not parts:
+            return None
+        lost = self.steps_lost
+        tail = f"resuming from step {self.step}" + (f": {lost} step{'s' if lost != 1 else ''} lost" if self.skipped else "")
+        return "; ".join([*parts, tail])
+
+
+def latest(run_tmp: Path) -> Resumable | None:
+    """The newest step checkpoint that matches its manifest (nothing loaded, nothing removed).
+
+    None if the run has no step checkpoint; NoValidCheckpoint (exit 2) if it has some, all damaged.
+    A checkpoint without a manifest (older afinar) counts if its trainer state reads; to know its
+    other files load, use `load_newest_valid`.
+    """
+    return _newest_valid(Path(run_tmp), None)
+
+
+def load_newest_valid(run_tmp: Path, loader: Callable[[Path], None]) -> Resumable | None:
+    """Restore the newest step checkpoint that matches its manifest and that `loader` loads.
+
+    `loader` is the backend's `load_checkpoint`: an exception from it (a file a library no longer
+    reads, a checkpoint without a manifest whose files are damaged) marks that checkpoint damaged
+    too, and the next older one is tried; so `loader` must overwrite everything it restores.
+    Out-of-memory errors are not damage and propagate. The damaged checkpoints newer than the
+    one restored are removed (the resumed run rewrites those steps). None if there is no step
+    checkpoint; NoValidCheckpoint (exit 2) if none is valid, with nothing removed.
+    """
+    found = _newest_valid(Path(run_tmp), loader)
+    if found is not None:
+        for s in found.skipped:
+            shutil.rmtree(s.path, ignore_errors=True)
+    return found
+
+
+def _newest_valid(run_tmp: Path, loader: Callable[[Path], None] | None) -> Resumable | None:
+    skipped: list[Skipped] = []
+    for step, path in reversed(step_checkpoints(run_tmp)):
+        verified = manifest.exists(path)
+        problems = [str(d) for d in manifest.verify(path)] if verified else []
+        state, problem = _read_json_object(path / TRAINER_STATE)
+        if problem and not problems:  # with a manifest, a damaged trainer state is already named
+            problems.append(problem)
+        elif state is not None and (state.get("step") != step or not isinstance(state.get("loop"), dict)):
+            problems.append(f"{TRAINER_STATE} does not describe step {step}")
+        if not problems and loader is not None:
+            try:
+                loader(path)
+            except Exception as e:
+                if isinstance(e, MemoryError) or "out of memory" in str(e).lower():
+                    raise  # the device, not the checkpoint
+                problems.append(f"its files do not load: {type(e).__name__}: {_short(e)}")
+        if problems:
+            skipped.append(Skipped(step, path, ", ".join(problems)))
+            continue
+        return Resumable(step, path, state, skipped, verified, loaded=loader is not None)
+    if skipped:
+        raise NoValidCheckpoint(
+            f"No checkpoint of {run_tmp} can be resumed: "
+            + "; ".join(f"step {s.step} is damaged ({s.reason})" for s in skipped)
+            + f". Restore the damaged files, or start over with: afinar train --output {output_of(run_tmp)} --overwrite"
+        )
+    return None
+
+
+def _read_json_object(path: Path) -> tuple[dict | None, str | None]:
+    """(the JSON object in `path`, None) or (None, what is wrong with the file)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None, f"{path.name} missing"
+    except (OSError, UnicodeDecodeError) as e:
+        return None, f"{path.name} unreadable: {e}"
+    if not text.strip():
+        return None, f"{path.name} empty"
+    try:
+        obj = json.loads(text)
+    except ValueError as e:
+        return None, f"{path.name} is not valid JSON: {e}"
+    if not isinstance(obj, dict):
+        return None, f"{path.name} is not a JSON object"
+    return obj, None
+
+
+
+def _short(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+# ---------------------------------------------------------------- leftovers
+
+
+@dataclass(frozen=True)
+class Leftovers:
+    """Temporary files and folders of interrupted writes that `cleanup_partial_writes` removed."""
+
+    paths: list[Path]
+    bytes: int
+
+    def message(self) -> str | None:
+        if not self.paths:
+            return None
+        return (f"removed {len(self.paths)} temporary file(s) left by interrupted writes "
+                f"({self.bytes / 2**20:.1f} MB): {', '.join(p.name for p in self.paths)}")
+
+
+def cleanup_partial_writes(run: Path) -> Leftovers:
+    """Delete what writes interrupted by a crash left under `run`, so a finished run never holds them.
+
+    Call it when resuming and just before a run is published, while holding the run's lock (see
+    runlock.py): a write in progress by another process looks exactly like a leftover.
+    """
+    removed, size = [], 0
+    for root, dirs, files in os.walk(run):
+        for name in sorted(dirs):
+            if _TEMP_DIR.match(name):
+                path = Path(root, name)
+                size += _tree_size(path)
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path)
+                dirs.remove(name)
+        for name in sorted(files):
+            if _TEMP_FILE.match(name):
+                path = Path(root, name)
+                size += path.stat().st_size
+                path.unlink(missing_ok=True)
+                removed.append(path)
+    return Leftovers(removed, size)
+
+
+def _tree_size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink())

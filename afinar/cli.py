@@ -34,6 +34,8 @@ err_console = Console(stderr=True)
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config file (see configs/).")]
 PresetOpt = Annotated[Optional[str], typer.Option("--preset", "-p", help="A preset from configs/ by name, or 'auto' to pick by hardware.")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override one key, e.g. --set train.max_steps=200 (repeatable).")]
+NoVerifyOpt = Annotated[bool, typer.Option("--no-verify", help="Use the run even if its files changed after training "
+                                           "(checksums); its structure is still checked.")]
 
 
 def user_errors(json_errors: bool = False):
@@ -149,6 +151,7 @@ def ask(
     temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy (default, reproducible).")] = 0.0,
     top_p: Annotated[float, typer.Option(min=0.0, max=1.0)] = 1.0,
     seed: int = 0,
+    no_verify: NoVerifyOpt = False,
 ):
     """Answer a question with a trained run; prints one JSON object."""
     if stdin == (question is not None):
@@ -156,7 +159,7 @@ def ask(
     from afinar.inference import Predictor
 
     quiet_libraries()
-    predictor = Predictor(run)
+    predictor = Predictor(run, verify=not no_verify)
     opts = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
     if not stdin:
         print(json.dumps(predictor.ask(question, **opts), ensure_ascii=False))
@@ -189,13 +192,15 @@ def eval_run(
     batch_size: Annotated[int, typer.Option(min=1, help="Questions per generate call when answering them all.")] = 16,
     latency_samples: Annotated[int, typer.Option(min=0, help="Questions asked one at a time for latency and tokens/s.")] = 10,
     as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON instead of a table.")] = False,
+    no_verify: NoVerifyOpt = False,
 ):
     """Validation loss, answer quality (fact recall, chrF), latency, tokens/s and memory of a run; writes eval.json."""
     from afinar import atomic, evaluate, report
 
     quiet_libraries()
     say = (lambda msg: None) if as_json else (lambda msg: err_console.print(f"[dim]{escape(msg)}[/]", highlight=False))
-    result = evaluate.evaluate_run(run, data, max_tokens, batch_size, latency_samples, on_progress=say)
+    result = evaluate.evaluate_run(run, data, max_tokens, batch_size, latency_samples, on_progress=say,
+                                   verify=not no_verify)
     target = output or run / "eval.json"
     atomic.write_json(target, result)
     if as_json:
@@ -223,6 +228,7 @@ def compare(
     batch_size: Annotated[int, typer.Option(min=1, help="Questions per generate call when answering them all.")] = 16,
     latency_samples: Annotated[int, typer.Option(min=0, help="Questions asked one at a time for latency and tokens/s.")] = 10,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder (and, with --train, existing runs).")] = False,
+    no_verify: NoVerifyOpt = False,
 ):
     """Ask every run the same questions and report them side by side (LoRA vs QLoRA ratios, charts)."""
     import shlex
@@ -244,7 +250,7 @@ def compare(
     args += ["--output", str(output)] + (["--prompts", str(prompts)] if prompts else [])
     if train_config:
         runs = C.train_variants(train_config, set_ or [], runs_dir or Path("runs") / output.name, overwrite, say)
-    results = C.compare_runs(runs or [], output, prompts, max_tokens, latency_samples, batch_size, overwrite,
+    results = C.compare_runs(runs or [], output, prompts, max_tokens, latency_samples, batch_size, overwrite, verify=not no_verify,
                              command=shlex.join(args), say=say)
     if results["ratios"]:
         table = Table("", f"{results['ratios']['lora']} (LoRA)", f"{results['ratios']['qlora']} (QLoRA)", "QLoRA / LoRA")
@@ -263,13 +269,14 @@ def serve(
     api_key: Annotated[Optional[str], typer.Option(envvar="AFINAR_API_KEY", show_envvar=True, help="Require 'Authorization: Bearer KEY' on /v1/* and /metrics.")] = None,
     cors_origin: Annotated[Optional[list[str]], typer.Option(help="Let browser pages from this origin call the API (repeatable); CORS is off without it.")] = None,
     set_: SetOpt = None,
+    no_verify: NoVerifyOpt = False,
 ):
     """Serve a run over HTTP: OpenAI's chat completions API (+ streaming) and /v1/ask, batching concurrent requests."""
     require_extra("serve", "afinar serve", "fastapi", "uvicorn")
     from afinar.config import build_config
     from afinar.runs import load_run
 
-    cfg, _ = load_run(run)  # a wrong folder is a clean error before anything binds
+    cfg, _ = load_run(run, verify=not no_verify)  # a wrong or damaged folder is a clean error before anything binds
     for assignment in set_ or []:
         if not assignment.strip().startswith("serve."):
             raise AfinarError(f"--set {assignment!r}: afinar serve takes serve.* settings only (see `afinar config --reference`); "
@@ -280,7 +287,8 @@ def serve(
     quiet_libraries()
     from afinar.serve import create_app, run as run_server
 
-    run_server(create_app(run, cfg=serve_cfg, api_key=api_key, cors_origins=cors_origin or []), host, port)
+    run_server(create_app(run, cfg=serve_cfg, api_key=api_key, cors_origins=cors_origin or [], verify=not no_verify),
+               host, port)
 
 
 @app.command()
@@ -294,6 +302,7 @@ def export(
     type_: Annotated[Optional[str], typer.Option("--type", help="With --to gguf: 'f16' (default) or 'q8_0' (about half the size).")] = None,
     backend: Annotated[Optional[str], typer.Option(help="With --merged or --to gguf: 'torch' or 'mlx' (default: the run's backend).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder or file.")] = False,
+    no_verify: NoVerifyOpt = False,
 ):
     """Convert an adapter between PEFT and mlx-lm, merge it into its base for vLLM / transformers / mlx-lm, or write a GGUF."""
     from afinar import export as E
@@ -311,15 +320,15 @@ def export(
     if to == "gguf":
         if output is not None:
             raise AfinarError("--output goes with --to peft|mlx; with --to gguf, give the file after the run: afinar export RUN --to gguf OUT.gguf")
-        path = E.export_gguf(source, gguf_file, type_ or "f16", overwrite, backend)
+        path = E.export_gguf(source, gguf_file, type_ or "f16", overwrite, backend, verify=not no_verify)
         console.print(f"GGUF ({type_ or 'f16'}) written to {path} (llama-server -m {path} --jinja; Ollama: see docs/GUIDE.md)")
     elif to is not None:
-        path = E.export_adapter(source, to, output, overwrite)
+        path = E.export_adapter(source, to, output, overwrite, verify=not no_verify)
         console.print(f"Adapter ({to}) written to {path}")
     else:
         if output is not None:
             raise AfinarError("--output goes with --to; with --merged, the folder is the value of --merged.")
-        path = E.export_merged(source, merged, overwrite, backend)
+        path = E.export_merged(source, merged, overwrite, backend, verify=not no_verify)
         console.print(f"Merged model written to {path} (load it with AutoModelForCausalLM.from_pretrained, vLLM or mlx_lm.load)")
 
 

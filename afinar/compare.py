@@ -82,9 +82,10 @@ def train_variants(config: str | Path, overrides: list[str], runs_dir: Path, ove
 
 
 def evaluate_in_process(run: Path, data_file: str | Path, out_json: Path, max_tokens: int, latency_samples: int,
-                        batch_size: int, echo: Callable[[str], None] | None = None) -> dict:
+                        batch_size: int, echo: Callable[[str], None] | None = None, verify: bool = True) -> dict:
     cmd = _afinar("eval", str(run), "--data", str(data_file), "--output", str(out_json), "--max-tokens", str(max_tokens),
-                  "--latency-samples", str(latency_samples), "--batch-size", str(batch_size))
+                  "--latency-samples", str(latency_samples), "--batch-size", str(batch_size),
+                  *([] if verify else ["--no-verify"]))
     code = _run(cmd, echo)
     if code != 0:
         raise AfinarError(f"Evaluating {run} failed (exit {code}); its message is above. Command: afinar {' '.join(cmd[3:])}")
@@ -104,14 +105,15 @@ def run_names(runs: list[Path]) -> list[str]:
 
 def compare_runs(runs: list[str | Path], output: str | Path, prompts: str | Path | None = None, max_tokens: int = 128,
                  latency_samples: int = 10, batch_size: int = 16, overwrite: bool = False, command: str = "",
-                 say: Callable[[str], None] = print, echo: Callable[[str], None] | None = None) -> dict:
+                 say: Callable[[str], None] = print, echo: Callable[[str], None] | None = None,
+                 verify: bool = True) -> dict:
     """Evaluate every run on the same questions and write the comparison folder `output`."""
     runs = [Path(r) for r in runs]
     if len(runs) < 2:
         raise AfinarError(f"Give at least two runs to compare (got {len(runs)}), or --train CONFIG to train them.")
     output = Path(output)
     atomic.refuse_existing(output, overwrite)
-    loaded = [load_run(r) for r in runs]  # every run is complete before anything is evaluated
+    loaded = [load_run(r, verify=verify) for r in runs]  # every run is whole before anything is evaluated
     prompts = Path(prompts) if prompts else None
     if prompts is None:
         prompts = evaluate.run_data_file(runs[0], *loaded[0], "val")
@@ -124,7 +126,7 @@ def compare_runs(runs: list[str | Path], output: str | Path, prompts: str | Path
         for name, run in zip(names, runs):
             say(f"Evaluating {name} ({run}) on {prompts}")
             evals.append(evaluate_in_process(run, prompts, Path(scratch) / f"{name}.json", max_tokens, latency_samples,
-                                             batch_size, echo))
+                                             batch_size, echo, verify))
     results = build_results(names, runs, loaded, evals, prompts, max_tokens, latency_samples, command)
     histories = {name: events.read_metrics(run / runs_contract.METRICS) for name, run in zip(names, runs)}
     with atomic.folder(output) as tmp:

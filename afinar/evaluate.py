@@ -189,7 +189,7 @@ def score_file(predictor, path: Path, batch_size: int, max_tokens: int,
 
 def evaluate_run(run: str | Path, data_file: str | Path | None = None, max_tokens: int = 128,
                  batch_size: int = 16, latency_samples: int = 10,
-                 on_progress: Callable[[str], None] | None = None) -> dict:
+                 on_progress: Callable[[str], None] | None = None, verify: bool = True) -> dict:
     """Every measure of one run on `data_file` (default: the run's validation file), as a dict.
 
     Without `data_file`, the run's held-out test file (if it has one) is scored too, under "test".
@@ -202,7 +202,7 @@ def evaluate_run(run: str | Path, data_file: str | Path | None = None, max_token
     from afinar.runs import load_run
 
     say = on_progress or (lambda msg: None)
-    cfg, metadata = load_run(run)
+    cfg, metadata = load_run(run, verify=verify)
     if data_file is not None:
         main, test = Path(data_file), None
         if not main.is_file() and main.suffix != ".txt":
@@ -214,7 +214,7 @@ def evaluate_run(run: str | Path, data_file: str | Path | None = None, max_token
                               "and answers).")
     before = answering_backend(cfg).memory()["memory_mb"]
     say(f"loading {cfg.model.base} + adapter {run}")
-    predictor = Predictor(run)
+    predictor = Predictor(run, verify=verify)
     loaded = predictor.backend.memory()["memory_mb"]
     primary, batched_rate = score_file(predictor, main, batch_size, max_tokens, say)
     held_out = score_file(predictor, test, batch_size, max_tokens, say)[0] if test is not None else None

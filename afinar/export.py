@@ -24,13 +24,18 @@ def adapter_source(source: Path, fmt: str) -> Path:
     return source
 
 
-def export_adapter(source: str | Path, to: str, output: str | Path | None = None, overwrite: bool = False) -> Path:
+def export_adapter(source: str | Path, to: str, output: str | Path | None = None, overwrite: bool = False,
+                   verify: bool = True) -> Path:
     """Convert the adapter in `source` (a run, a PEFT folder or an mlx-lm folder) to format `to`."""
     source = Path(source)
     if not source.is_dir():
         raise AfinarError(f"{source}: no such folder. Pass a run folder or an adapter folder.")
     if to not in ("peft", "mlx"):
         raise AfinarError(f"--to {to!r}: choose 'peft' or 'mlx' (adapter formats), or 'gguf' (a merged GGUF file).")
+    if (source / "training_config.json").is_file():  # a run folder: what is converted must be what was trained
+        from afinar.runs import load_run
+
+        load_run(source, verify=verify, check_base=False)
     fmt = adapters.detect_format(source)
     output = Path(output) if output else source.with_name(f"{source.name}-{to}")
     atomic.refuse_existing(output, overwrite)
@@ -46,13 +51,14 @@ def export_adapter(source: str | Path, to: str, output: str | Path | None = None
     return adapters.mlx_to_peft(source, output)
 
 
-def export_merged(run: str | Path, output: str | Path, overwrite: bool = False, backend: str | None = None) -> Path:
+def export_merged(run: str | Path, output: str | Path, overwrite: bool = False, backend: str | None = None,
+                  verify: bool = True) -> Path:
     """Merge a run's adapter into its base (dequantized) and save a plain HF model folder."""
     from afinar.backends import answering_backend
     from afinar.runs import load_run
 
     run, output = Path(run), Path(output)
-    cfg, metadata = load_run(run)
+    cfg, metadata = load_run(run, verify=verify)
     if backend:
         cfg.backend = backend
     atomic.refuse_existing(output, overwrite)
@@ -71,7 +77,7 @@ def export_merged(run: str | Path, output: str | Path, overwrite: bool = False, 
 
 
 def export_gguf(run: str | Path, output: str | Path, qtype: str = "f16", overwrite: bool = False,
-                backend: str | None = None) -> Path:
+                backend: str | None = None, verify: bool = True) -> Path:
     """Merge a run into its base (as `export_merged`) and write the result as one GGUF file."""
     from afinar import gguf_export
     from afinar.runs import load_run
@@ -82,12 +88,12 @@ def export_gguf(run: str | Path, output: str | Path, qtype: str = "f16", overwri
     atomic.refuse_existing(output, overwrite)
     if qtype not in gguf_export.QTYPES:
         raise AfinarError(f"--type {qtype!r}: choose one of {', '.join(gguf_export.QTYPES)}.")
-    cfg, _ = load_run(run)
+    cfg, _ = load_run(run, verify=verify)
     base = models.resolve(cfg.model.base)
     if base.is_local:  # say it now, not after minutes of merging
         gguf_export.check_supported(json.loads((Path(base.path) / "config.json").read_text()), f"{base.path}/config.json")
     output.parent.mkdir(parents=True, exist_ok=True)
     # The merged folder is as large as the model: build it beside the output, not in a small /tmp.
     with tempfile.TemporaryDirectory(dir=output.parent, prefix=f".{output.name}.") as tmp:
-        merged = export_merged(run, Path(tmp) / "merged", backend=backend)
+        merged = export_merged(run, Path(tmp) / "merged", backend=backend, verify=verify)
         return gguf_export.write_gguf(merged, output, qtype)

@@ -15,12 +15,13 @@ from afinar.runs import load_run
 class Predictor:
     """Loads a run's base model and adapter once; `ask()` returns the JSON-ready answer dict.
 
-    `serve`: serving settings other than the run's own (`afinar serve --set serve.*`).
+    `serve`: serving settings other than the run's own (`afinar serve --set serve.*`); `verify=False`
+    (--no-verify) accepts a run whose files changed after training (verify.py).
     """
 
-    def __init__(self, run: str | Path, serve: ServeConfig | None = None):
+    def __init__(self, run: str | Path, serve: ServeConfig | None = None, verify: bool = True):
         self.run = Path(run)
-        self.cfg, self.metadata = load_run(self.run)
+        self.cfg, self.metadata = load_run(self.run, verify=verify)
         if serve is not None:
             self.cfg = self.cfg.model_copy(update={"serve": serve})
         self.backend = answering_backend(self.cfg)

@@ -20,17 +20,17 @@ where each file goes and checks what it reads.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from afinar import adapters, atomic, checkpoints, events
-from afinar.config import Config, build_config
+from afinar import adapters, atomic, checkpoints, events, manifest, oserrors, runlock
+from afinar.config import Config
 from afinar.errors import AfinarError
+from afinar.runpaths import partial
+from afinar.verify import read_json, verify_run
 
 ADAPTER = adapters.PEFT_WEIGHTS
 ADAPTER_CONFIG = adapters.PEFT_CONFIG
@@ -47,33 +47,27 @@ MLX_ADAPTER_CONFIG = f"{adapters.MLX_SUBDIR}/{adapters.MLX_CONFIG}"
 # which needs the optional matplotlib).
 RUN_FILES = (ADAPTER, ADAPTER_CONFIG, MLX_ADAPTER, MLX_ADAPTER_CONFIG, TRAINING_CONFIG, METADATA,
              TRAINING_STATE, METRICS, GUIDE)
-# What a run needs to be loaded at all (ask, serve, eval, export).
-LOADABLE = (TRAINING_CONFIG, ADAPTER_CONFIG, ADAPTER)
+MANIFEST = manifest.MANIFEST  # written last: every file above with its size and sha256
 
 
 def method_config_name(cfg: Config) -> str:
     return f"{cfg.method}_config.json"
 
 
-def partial(output: str | Path) -> Path:
-    output = Path(output)
-    return output.with_name(output.name + ".partial")
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+file_sha256 = manifest.sha256_file
 
 
 @dataclass
 class RunWriter:
-    """Collects a run in `<output>.partial/`; `finish()` makes it appear atomically."""
+    """Collects a run in `<output>.partial/`; `finish()` makes it appear atomically.
+
+    The writer holds the run's lock (runlock.py) from `create`/`reopen` until `finish`, `abandon`
+    or `release`: a second process writing the same run stops with exit 2, naming the holder.
+    """
 
     output: Path
     history: list[events.Event] = field(default_factory=list)
+    lock: runlock.RunLock | None = None
 
     @property
     def tmp(self) -> Path:
@@ -82,8 +76,18 @@ class RunWriter:
     @classmethod
     def create(cls, output: str | Path, overwrite: bool = False, cfg: Config | None = None) -> "RunWriter":
         output = Path(output)
+        lock = runlock.acquire(output)  # first: a second writer stops here, before it reads or deletes anything
+        try:
+            with oserrors.writing(output):
+                return cls._create(output, overwrite, cfg, lock)
+        except BaseException:
+            lock.release()
+            raise
+
+    @classmethod
+    def _create(cls, output: Path, overwrite: bool, cfg: Config | None, lock: runlock.RunLock) -> "RunWriter":
         atomic.refuse_existing(output, overwrite)
-        writer = cls(output)
+        writer = cls(output, lock=lock)
         if writer.tmp.exists():
             saved = checkpoints.step_checkpoints(writer.tmp)
             if saved and not overwrite:
@@ -102,7 +106,16 @@ class RunWriter:
     def reopen(cls, output: str | Path, cfg: Config, force: bool = False) -> "RunWriter":
         """The unfinished run at `<output>.partial/`, checked against `cfg`."""
         output = Path(output)
-        writer = cls(output)
+        lock = runlock.acquire(output)
+        try:
+            return cls._reopen(output, cfg, force, lock)
+        except BaseException:
+            lock.release()
+            raise
+
+    @classmethod
+    def _reopen(cls, output: Path, cfg: Config, force: bool, lock: runlock.RunLock) -> "RunWriter":
+        writer = cls(output, lock=lock)
         saved_cfg = writer.tmp / TRAINING_CONFIG
         if not saved_cfg.is_file():
             done = " It has finished already." if (output / METADATA).is_file() else ""
@@ -125,20 +138,38 @@ class RunWriter:
         atomic.write_text(path, "".join(events.to_json(e) + "\n" for e in kept))
         self.history = kept
 
+    def release(self) -> None:
+        """Let another process write this run (also done by finish and abandon; idempotent)."""
+        if self.lock is not None:
+            self.lock.release()
+
     def log(self, event: events.Event) -> None:
         """Append one record to metrics.jsonl."""
         self.history.append(event)
-        with open(self.tmp / METRICS, "a", encoding="utf-8") as f:
-            f.write(events.to_json(event) + "\n")
+        path = self.tmp / METRICS
+        with oserrors.writing(path, run=self.tmp, mid_run=True):
+            if not self.tmp.is_dir():  # open(..., "a") would silently create a new folder's worth of nothing
+                raise oserrors.run_removed(self.tmp, path)
+            with open(path, "a", encoding="utf-8") as f:
+                f.write(events.to_json(event) + "\n")
 
     def write_state(self, state: dict) -> None:
-        atomic.write_json(self.tmp / TRAINING_STATE, {**state, "log_history": [events.to_dict(e) for e in self.history]})
+        path = self.tmp / TRAINING_STATE
+        with oserrors.writing(path, run=self.tmp, mid_run=True):
+            atomic.write_json(path, {**state, "log_history": [events.to_dict(e) for e in self.history]})
 
     def finish(self, cfg: Config, metadata: dict, state: dict, guide_question: str) -> Path:
         """Write the remaining files and publish the run (replacing an old one when --overwrite)."""
+        with oserrors.writing(self.tmp, run=self.tmp, mid_run=True):
+            path = self._finish(cfg, metadata, state, guide_question)
+        self.release()
+        return path
+
+    def _finish(self, cfg: Config, metadata: dict, state: dict, guide_question: str) -> Path:
         from afinar import guide, plots
 
         tmp = self.tmp
+        checkpoints.cleanup_partial_writes(tmp)  # temporary folders of interrupted writes never end up in a run
         atomic.write_json(tmp / TRAINING_CONFIG, cfg.model_dump(mode="json"))
         atomic.write_json(tmp / method_config_name(cfg), {
             "method": cfg.method,
@@ -157,6 +188,8 @@ class RunWriter:
         missing = [name for name in RUN_FILES if not (tmp / name).is_file()]
         if missing:
             raise AssertionError(f"run folder incomplete before publishing, missing {missing}")
+        # Last: each file's size and sha256, so ask/serve/eval/export can tell a run changed after training.
+        manifest.write(tmp, [*RUN_FILES, method_config_name(cfg)])
         atomic.make_readable(tmp)
         atomic.fsync_tree(tmp)
         old = None
@@ -172,6 +205,7 @@ class RunWriter:
 
     def abandon(self) -> None:
         shutil.rmtree(self.tmp, ignore_errors=True)
+        self.release()
 
 
 class NullWriter(RunWriter):
@@ -204,35 +238,8 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def read_json(path: Path) -> Any:
-    """A JSON file of a run, or an AfinarError naming it (empty, cut short, not JSON)."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise AfinarError(f"{path}: cannot be read ({e}).") from None
-    if not text.strip():
-        raise AfinarError(f"{path} is empty: the run folder is damaged. Restore the file or train the run again.")
-    try:
-        return json.loads(text)
-    except ValueError as e:
-        raise AfinarError(f"{path} is not valid JSON ({e}): the run folder is damaged. "
-                          "Restore the file or train the run again.") from None
-
-
-def load_run(path: str | Path) -> tuple[Config, dict]:
-    """(config, metadata) of a finished run folder, with a clear error for anything else."""
-    path = Path(path)
-    if not path.is_dir():
-        extra = f" ({partial(path)} exists: that run did not finish)" if partial(path).exists() else ""
-        raise AfinarError(f"Run folder not found: {path}{extra}. Train one with: afinar train --output {path}")
-    missing = [f for f in LOADABLE if not (path / f).is_file()]
-    if missing:
-        raise AfinarError(f"{path} is not a complete afinar run: missing {', '.join(missing)}.")
-    raw = read_json(path / TRAINING_CONFIG)
-    if not isinstance(raw, dict):
-        raise AfinarError(f"{path / TRAINING_CONFIG}: expected a JSON object of settings, got {type(raw).__name__}.")
-    cfg = build_config(raw, source=str(path / TRAINING_CONFIG))
-    metadata = read_json(path / METADATA) if (path / METADATA).is_file() else {}
-    if not isinstance(metadata, dict):
-        raise AfinarError(f"{path / METADATA}: expected a JSON object, got {type(metadata).__name__}.")
-    return cfg, metadata
+def load_run(path: str | Path, verify: bool = True, check_base: bool = True) -> tuple[Config, dict]:
+    """(config, metadata) of a finished run folder, verified first (verify.py): a damaged or edited run
+    is a clear error naming the file. `verify=False` (the CLI's --no-verify) skips the checksums only."""
+    info = verify_run(path, check_base=check_base, checksums=verify)
+    return info.cfg, info.metadata

@@ -118,11 +118,11 @@ class State:
         self.batcher.start()
         self.predictor, self.status = predictor, "ready"
 
-    def load(self, run: Path) -> None:
+    def load(self, run: Path, verify: bool = True) -> None:
         from afinar.inference import Predictor
 
         try:
-            self.attach(Predictor(run, serve=self.cfg))
+            self.attach(Predictor(run, serve=self.cfg, verify=verify))
             log.warning("afinar serve: %s loaded", run)
         except Exception as e:  # noqa: BLE001 - reported by /health and every request, not a silent dead thread
             if not isinstance(e, AfinarError):
@@ -138,7 +138,8 @@ class State:
 
 
 def create_app(run: str | Path | None = None, predictor=None, cfg: ServeConfig | None = None,
-               api_key: str | None = None, cors_origins: list[str] | tuple[str, ...] = ()) -> FastAPI:
+               api_key: str | None = None, cors_origins: list[str] | tuple[str, ...] = (),
+               verify: bool = True) -> FastAPI:
     """The app for a run folder (loaded in the background; /health says when) or a loaded Predictor."""
     if (run is None) == (predictor is None):
         raise ValueError("create_app needs a run folder or a Predictor, not both")
@@ -150,7 +151,7 @@ def create_app(run: str | Path | None = None, predictor=None, cfg: ServeConfig |
         if predictor is not None:
             state.attach(predictor)
         else:
-            threading.Thread(target=state.load, args=(Path(run),), name="afinar-load", daemon=True).start()
+            threading.Thread(target=state.load, args=(Path(run), verify), name="afinar-load", daemon=True).start()
         yield
         if state.batcher is not None:
             state.batcher.stop()

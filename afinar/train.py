@@ -25,7 +25,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
-from afinar import __version__, checkpoints, data, distributed, events, memory, models, rng, schedule
+from afinar import __version__, checkpoints, data, distributed, events, memory, models, oserrors, rng, schedule
 from afinar.backends import TrainingBackend, training_backend
 from afinar.config import Config
 from afinar.errors import AfinarError
@@ -94,9 +94,9 @@ class Trainer:
     # ------------------------------------------------------------ the run
 
     def run(self) -> TrainResult:
-        """Train per the config and write the run folder; resume from the newest checkpoint if asked."""
-        self.setup()
+        """Train per the config and write the run folder; resume from the newest valid checkpoint if asked."""
         try:
+            self.setup()
             stopped = None
             with _StopSignal() as stop:
                 while self.state.step < self.total and stopped is None:
@@ -112,6 +112,9 @@ class Trainer:
         except BaseException as e:
             self._on_crash(e)
             raise
+        finally:
+            if self.writer is not None:
+                self.writer.release()  # the run's lock: another process may now resume it
 
     def setup(self) -> None:
         """Read the data, open the run folder, load the model, restore a checkpoint, plan memory."""
@@ -133,17 +136,13 @@ class Trainer:
             self.writer = RunWriter.reopen(self.output, cfg, self.force)
         else:
             self.writer = RunWriter.create(self.output, self.overwrite, cfg)
-        try:
-            if not self._loaded:
-                self.backend = training_backend(cfg, self.world)
-                tokenizer = self.backend.load(self.resolved)
-            else:
-                tokenizer = self.backend.tokenizer
-            self.collective = self.backend.collective
-            self._start(schedule.prepare(cfg, tokenizer, self.train_ex, self.val_ex))
-        except BaseException as e:
-            self._on_crash(e)
-            raise
+        if not self._loaded:
+            self.backend = training_backend(cfg, self.world)
+            tokenizer = self.backend.load(self.resolved)
+        else:
+            tokenizer = self.backend.tokenizer
+        self.collective = self.backend.collective
+        self._start(schedule.prepare(cfg, tokenizer, self.train_ex, self.val_ex))
 
     @classmethod
     def on_examples(cls, cfg: Config, backend: TrainingBackend, examples: list[data.Encoded],
@@ -255,7 +254,8 @@ class Trainer:
                 shutil.copy2(best[1] / name, self.writer.tmp / name)
             adapter_step, adapter_source = best[0]["step"], "best"
         else:
-            self.backend.save_adapter(self.writer.tmp)
+            with oserrors.writing(self.writer.tmp, run=self.writer.tmp, mid_run=True):
+                self.backend.save_adapter(self.writer.tmp)
             adapter_step, adapter_source = st.step, "last"
         metadata = self._metadata(stopped, adapter_step, adapter_source)
         self.writer.finish(cfg, metadata, self._state_summary(), self._guide_question())
@@ -332,14 +332,25 @@ class Trainer:
         return None
 
     def _restore(self) -> int | None:
-        """Continue from the newest checkpoint of the unfinished run; its step, or None if it had none."""
-        found = checkpoints.latest(self.writer.tmp)
-        step = 0
-        if found:
-            saved, folder = found
+        """Continue from the newest valid checkpoint of the unfinished run; its step, or None if it had none.
+
+        A damaged newer checkpoint (checksums, or files that do not load) is named, with the steps it
+        costs, and the one before it is used; temporary files of interrupted writes are removed.
+        """
+        tmp = self.writer.tmp
+        if self.world.main and (left := checkpoints.cleanup_partial_writes(tmp).message()):
+            self.emit(events.Notice(left))
+
+        def load(folder: Path) -> None:
             self.backend.load_state(folder)
             self.backend.set_rng_state(rng.load(folder))
-            self.state = LoopState(**saved["loop"])
+
+        found = checkpoints.load_newest_valid(tmp, load)
+        step = 0
+        if found:
+            if message := found.message():
+                self.emit(events.Notice(message))
+            self.state = LoopState(**found.state["loop"])
             step = self.state.step
         self.writer.truncate(step)
         if self.collective.all_sum([step])[0] != step * self.world.size:

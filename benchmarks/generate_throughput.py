@@ -4,8 +4,11 @@ Plain rows: `model.generate` (greedy, left padding) on the NF4 base with the ada
 (what a QLoRA run loads by default elsewhere), and on bf16 weights with the adapter merged.
 afinar rows: `TorchAnswerer.attach` (dequantize + merge on a GPU with
 room) and `TorchAnswerer.generate`, which on CUDA runs the static-cache CUDA-graph decoder
-(afinar/backends/fast_decode.py). Same random model, adapter and prompts everywhere; greedy
-tokens of afinar's rows are compared with both plain rows.
+(afinar/backends/fast_decode.py). Beside them transformers' own fastest plain path on the same
+merged weights: static KV cache + `torch.compile(model.forward, mode="reduce-overhead")`, as its
+"Optimizing inference" guide sets it up (CUDA only; `--no-static` skips it). Same random model,
+adapter and prompts everywhere; greedy tokens of afinar's rows are compared with the plain rows.
+Every row: one warm-up call, then the median of 3 timed calls.
 
     python benchmarks/generate_throughput.py --tokenizer .bench/tok --out benchmarks/results/2026-11-29-h200.json
     python benchmarks/generate_throughput.py --shape tiny --new-tokens 8     # CPU smoke run
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import statistics
 import sys
 import tempfile
 import time
@@ -27,6 +31,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import random_7b as R  # noqa: E402
+
+REPEATS = 3
 
 
 def prompts_for(tok, n: int, seed: int = 1) -> list[list[int]]:
@@ -49,18 +55,19 @@ def hf_generate(model, tok, prompts, new_tokens: int) -> list[list[int]]:
     return [row[: row.index(eos)] if eos in row else row for row in out[:, width:].tolist()]
 
 
-def timed(fn, prompts, repeat: int = 1) -> tuple[dict, list[list[int]]]:
+def timed(fn, prompts, repeat: int = REPEATS) -> tuple[dict, list[list[int]]]:
+    """Every row alike: the median wall time of `repeat` generate calls (after the row's own warm-up call)."""
     R.sync()
-    best, outputs = None, None
+    times, outputs = [], None
     for _ in range(repeat):
         t0 = time.perf_counter()
         outputs = fn(prompts)
         R.sync()
-        dt = time.perf_counter() - t0
-        best = dt if best is None else min(best, dt)
+        times.append(time.perf_counter() - t0)
+    dt = statistics.median(times)
     tokens = sum(len(o) for o in outputs)
-    return {"batch": len(prompts), "generated_tokens": tokens, "seconds": round(best, 3),
-            "tokens_per_s": round(tokens / best, 1), "per_stream_tokens_per_s": round(tokens / len(prompts) / best, 1),
+    return {"batch": len(prompts), "generated_tokens": tokens, "seconds": round(dt, 3), "repeats": repeat,
+            "tokens_per_s": round(tokens / dt, 1), "per_stream_tokens_per_s": round(tokens / len(prompts) / dt, 1),
             "peak_gib": R.peak_gib()}, outputs
 
 
@@ -108,6 +115,42 @@ def random_adapter(base, folder: Path, scale: float) -> None:
     model.unload()
 
 
+def plain_rows(label: str, model, tok, prompts, new_tokens: int, rows: dict) -> list[list[int]]:
+    """transformers' generate at batch 1 and len(prompts), each after a short warm-up call (kernels, cuBLAS)."""
+    for batch in (1, len(prompts)):
+        hf_generate(model, tok, prompts[:batch], 8)
+        R.reset_peak()
+        rows[f"{label}_batch{batch}"], out = timed(lambda ps: hf_generate(model, tok, ps, new_tokens), prompts[:batch])
+    return out
+
+
+def static_compiled_rows(model, tok, prompts, new_tokens: int, rows: dict) -> list[list[int]] | None:
+    """transformers' own fastest plain decode (its "Optimizing inference" guide): a static KV cache
+    (`cache_implementation="static"`) and `torch.compile(model.forward, mode="reduce-overhead",
+    fullgraph=True)`, on the same merged bf16 weights. Rows at batch 1 and at len(prompts); the
+    first calls compile (reported as first_call_s). The model gets its plain forward back after."""
+    model.generation_config.cache_implementation = "static"
+    model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
+    out = None
+    try:
+        gen = lambda ps: hf_generate(model, tok, ps, new_tokens)  # noqa: E731
+        for batch in (1, len(prompts)):
+            t0 = time.perf_counter()
+            gen(prompts[:batch])  # compiles: prefill and decode shapes, CUDA graphs
+            first = round(time.perf_counter() - t0, 2)
+            R.reset_peak()
+            row, out = timed(gen, prompts[:batch])
+            rows[f"plain_bf16_static_compiled_batch{batch}"] = {**row, "first_call_s": first}
+    except Exception as e:  # a compile failure costs this row only
+        rows["plain_bf16_static_compiled"] = {"error": f"{type(e).__name__}: {str(e)[:500]}"}
+        out = None
+    finally:
+        del model.forward
+        model.generation_config.cache_implementation = None
+        R.free_gpu()
+    return out
+
+
 def main(argv=None) -> None:
     from peft import PeftModel
 
@@ -120,13 +163,14 @@ def main(argv=None) -> None:
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--concurrent", type=int, default=32)
     p.add_argument("--adapter-scale", type=float, default=0.02)
+    p.add_argument("--no-static", dest="static", action="store_false",
+                   help="skip transformers' static-cache + torch.compile rows (CUDA only; minutes of compiling)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     env = R.environment(sys.argv)
     tok = R.tokenizer(args.tokenizer)
     n = args.new_tokens
     many = prompts_for(tok, args.concurrent)
-    one = many[:1]
     rows, outputs = {}, {}
     base = R.build_base(args.shape, tok)
     folder = Path(tempfile.mkdtemp(prefix="afinar-adapter-"))
@@ -134,18 +178,13 @@ def main(argv=None) -> None:
 
     # Plain: NF4 base + adapter kept apart, transformers' generate.
     model = PeftModel.from_pretrained(base, str(folder)).eval()
-    gen = lambda ps: hf_generate(model, tok, ps, n)  # noqa: E731
-    hf_generate(model, tok, one, 8)  # warm-up (kernels, cuBLAS)
-    R.reset_peak()
-    rows["plain_4bit_adapter_batch1"], _ = timed(gen, one)
-    R.reset_peak()
-    rows[f"plain_4bit_adapter_batch{len(many)}"], outputs["plain_4bit"] = timed(gen, many)
+    outputs["plain_4bit"] = plain_rows("plain_4bit_adapter", model, tok, many, n, rows)
     base = model.unload()
     del model
     R.free_gpu()
 
     # afinar: what `afinar serve` / `afinar ask` load: dequantize + merge when the GPU has room.
-    cfg = load_config(preset_path("cuda-80gb"), [f"model.base={args.shape}"])
+    cfg = load_config(preset_path("cuda-80gb"), [f"model.base={args.shape}", *R.dtype_overrides()])
     backend = TorchAnswerer(cfg)
     t0 = time.perf_counter()
     backend.attach(base, tok, folder)
@@ -157,12 +196,7 @@ def main(argv=None) -> None:
     merged_name = type(merged.model.layers[0].self_attn.q_proj).__name__
 
     # Plain: the same merged bf16 weights through transformers' generate.
-    gen = lambda ps: hf_generate(merged, tok, ps, n)  # noqa: E731
-    hf_generate(merged, tok, one, 8)
-    R.reset_peak()
-    rows["plain_bf16_merged_batch1"], _ = timed(gen, one)
-    R.reset_peak()
-    rows[f"plain_bf16_merged_batch{len(many)}"], outputs["plain_bf16"] = timed(gen, many)
+    outputs["plain_bf16"] = plain_rows("plain_bf16_merged", merged, tok, many, n, rows)
 
     # afinar's generate (the CUDA-graph decoder on CUDA).
     fast = lambda ps: backend.generate(ps, n)  # noqa: E731
@@ -171,7 +205,7 @@ def main(argv=None) -> None:
         fast(many[:batch])  # first call of a shape captures its graph
         first = round(time.perf_counter() - t0, 2)
         R.reset_peak()
-        row, out = timed(fast, many[:batch], repeat=3)
+        row, out = timed(fast, many[:batch])
         row["first_call_s"] = first
         rows[f"afinar_batch{batch}"] = row
         outputs[f"afinar_batch{batch}"] = out
@@ -180,6 +214,10 @@ def main(argv=None) -> None:
               "vs_plain_bf16_merged": agreement(ours, outputs["plain_bf16"]),
               "batch1_vs_batch32_row0": ours[0] == outputs["afinar_batch1"][0],
               "near_ties_vs_plain_bf16_merged": near_ties(merged, many, outputs["plain_bf16"], ours)}
+    if args.static and torch.cuda.is_available():
+        outputs["plain_bf16_static"] = static_compiled_rows(merged, tok, many, n, rows)
+        if outputs["plain_bf16_static"] is not None:
+            checks["plain_static_compiled_vs_plain_bf16_merged"] = agreement(outputs["plain_bf16_static"], outputs["plain_bf16"])
     # The same comparison in fp32, where bf16 rounding cannot flip near-ties: exact equality expected.
     from afinar.backends import fast_decode
 
@@ -191,6 +229,9 @@ def main(argv=None) -> None:
     checks["fp32_vs_plain_merged"] = agreement(ours32, plain32)
     print(f"\n{'row':30} {'tok/s':>9} {'per stream':>10} {'peak GiB':>9}")
     for name, r in rows.items():
+        if "error" in r:
+            print(f"{name:30} {r['error']}")
+            continue
         print(f"{name:30} {r['tokens_per_s']:>9} {r['per_stream_tokens_per_s']:>10} {str(r['peak_gib']):>9}")
     print("greedy agreement:", checks)
     section = {"shape": args.shape, "new_tokens": n, "prompts": len(many),

@@ -38,8 +38,12 @@ def tokenizer(path: str | None):
     return mistral_tokenizer(REPO / ".bench" / "tok")
 
 
-def build_base(shape: str, tok, seed: int = 0, quantize: bool = True, dtype=torch.bfloat16):
-    """A MistralForCausalLM with random weights on the GPU (CPU without one), NF4 unless told otherwise."""
+def build_base(shape: str, tok, seed: int = 0, quantize: bool = True, dtype=None):
+    """A MistralForCausalLM with random weights on the GPU (CPU without one), NF4 unless told otherwise.
+
+    `dtype`: bf16 on the GPU, fp32 on the CPU (CPU smoke runs: bf16 matmuls are slow there).
+    """
+    dtype = dtype or (torch.bfloat16 if torch.cuda.is_available() else torch.float32)
     from transformers import MistralConfig, MistralForCausalLM
 
     config = MistralConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
@@ -52,6 +56,11 @@ def build_base(shape: str, tok, seed: int = 0, quantize: bool = True, dtype=torc
         quantize_nf4(model, dtype)
     model.eval()
     return model
+
+
+def dtype_overrides() -> list[str]:
+    """Config overrides that keep afinar's compute dtype that of `build_base`'s model (fp32 on a CPU)."""
+    return [] if torch.cuda.is_available() else ["model.compute_dtype=float32"]
 
 
 def quantize_nf4(model, dtype) -> None:
@@ -76,22 +85,44 @@ def quantize_nf4(model, dtype) -> None:
         torch.cuda.empty_cache()
 
 
-def chat_examples(tok, n: int, seed: int = 0, max_len: int = 512) -> list[data.Encoded]:
-    """Question/answer chats of 20-330 tokens (prompt ~3-60 words, answer ~5-250), encoded as afinar trains them."""
+def chat_examples(tok, n: int, seed: int = 0, max_len: int = 512, longest: int = 330) -> list[data.Encoded]:
+    """Question/answer chats of 20-`longest` tokens (prompt ~3-60 words, answer ~5-250 at the default
+    330, both scaled down for shorter `longest`), encoded as afinar trains them."""
     rng = random.Random(seed)
     words = sorted(w[1:] for w in tok.get_vocab() if w.startswith("▁") and w[1:].isalpha() and len(w) > 3)
+    scale = min(1.0, longest / 330)
     out = []
     while len(out) < n:
-        q = " ".join(rng.choices(words, k=rng.randint(3, 60))) + "?"
-        a = " ".join(rng.choices(words, k=rng.randint(5, 250))) + "."
+        q = " ".join(rng.choices(words, k=rng.randint(3, max(3, int(60 * scale))))) + "?"
+        a = " ".join(rng.choices(words, k=rng.randint(5, max(5, int(250 * scale))))) + "."
         enc = data.encode(data.Example([{"role": "user", "content": q}, {"role": "assistant", "content": a}], None),
                           tok, max_len)
-        if 20 <= len(enc.input_ids) <= 330:
+        if 20 <= len(enc.input_ids) <= longest:
             out.append(enc)
     return out
 
 
-def environment(argv: list[str]) -> dict:
+def save_bf16(shape: str, tok, folder: Path, seed: int = 0) -> Path:
+    """`build_base(shape, tok, seed)`'s weights unquantized (bf16) with the tokenizer, as an HF folder.
+
+    For stacks that load and quantize a model themselves (Unsloth): the same random weights as
+    every other row. Kept between runs: a marker file names the shape and seed it holds.
+    """
+    marker = {"shape": shape, "seed": seed, "vocab": len(tok)}
+    stamp = Path(folder) / "afinar-benchmark.json"
+    if stamp.is_file() and json.loads(stamp.read_text()) == marker:
+        return Path(folder)
+    model = build_base(shape, tok, seed=seed, quantize=False, dtype=torch.bfloat16)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    stamp.write_text(json.dumps(marker))
+    del model
+    free_gpu()
+    return Path(folder)
+
+
+def environment(argv: list[str], gpu: bool = True) -> dict:
+    """Command, date, versions and (`gpu`: asking CUDA, which starts a context) the GPU's name and memory."""
     import peft
     import transformers
 
@@ -110,7 +141,7 @@ def environment(argv: list[str]) -> dict:
         info["versions"]["triton"] = triton.__version__
     except ImportError:
         pass
-    if torch.cuda.is_available():
+    if gpu and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
         info["gpu_memory_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
     return info

@@ -2,7 +2,7 @@
 
 The plain loop is the usual recipe: PEFT LoRA on a bitsandbytes NF4 (double quant) base, bf16
 compute, SDPA, random batches padded to the longest, the model's own loss on full logits.
-afinar's rows go through TorchBackend (the same forward_backward / optimizer_step as `afinar
+afinar's rows go through TorchTrainer (the same forward_backward / optimizer_step as `afinar
 train`) with the micro-batches `afinar.train` builds from the preset's settings. Every row uses
 the same random model (same seed), the same examples and the same LoRA initialisation.
 
@@ -81,24 +81,41 @@ def _plain_loss(model, mb, pad):
     return model(input_ids=ids, attention_mask=attn, labels=labels).loss * n, n
 
 
-def afinar_way(base, tok, examples, overrides: list[str], preset: str, steps: int, warmup: int, check,
-               fuse: bool = True, mixed: bool = True, profile: str | None = None) -> dict:
-    from afinar.backends.torch_backend import TorchBackend
-    from afinar.config import load_config, preset_path
-    from afinar.train import Prepared, micro_batches
+def unfuse_all(model) -> None:
+    """Plain PEFT + transformers modules again: no fused LoRA layers, RMSNorm or SwiGLU."""
+    from afinar.backends import torch_fast, torch_lora_fused
 
-    cfg = load_config(preset_path(preset), overrides)
-    backend = TorchBackend(cfg)
-    backend.fuse_ops = fuse and backend.device.type == "cuda"
-    backend.cuda_speedups = mixed and backend.device.type == "cuda"
+    torch_lora_fused.unfuse_lora(model)
+    torch_fast.unfuse(model)
+
+
+def fuse_all(model) -> None:
+    """What the trainer applies on CUDA with train.fast_paths=auto, in its order (torch_train.TorchTrainer.attach)."""
+    from afinar.backends import torch_fast, torch_lora_fused
+
+    torch_fast.fuse_pointwise(model)
+    torch_lora_fused.fuse_lora(model)
+
+
+def afinar_way(base, tok, examples, overrides: list[str], preset: str, steps: int, warmup: int, check,
+               levers: str = "auto", profile: str | None = None) -> dict:
+    """afinar's step (the training backend's forward_backward + optimizer_step) with `train.fast_paths=levers`."""
+    from afinar.backends.torch_train import TorchTrainer
+    from afinar.config import load_config, preset_path
+    from afinar.schedule import Prepared, micro_batches
+
+    cfg = load_config(preset_path(preset), [*overrides, *R.dtype_overrides(), f"train.fast_paths={levers}"])
+    backend = TorchTrainer(cfg)
     backend.attach(base, tok)
     checked = check(backend.loss_sum, backend.model)
-    if backend.fuse_ops:  # fused against eager on this very model; eager twice gives the noise floor
-        from afinar.backends import torch_fast
-
-        torch_fast.unfuse(backend.model)
+    if {"fused_norms", "fused_lora"} & backend.levers:  # fused against eager on this model; eager twice: the noise floor
+        unfuse_all(backend.model)
         eager = [check(backend.loss_sum, backend.model) for _ in range(2)]
-        torch_fast.fuse_pointwise(backend.model)
+        fuse_all(backend.model)
+        if "fused_lora" not in backend.levers:
+            from afinar.backends.torch_lora_fused import unfuse_lora
+
+            unfuse_lora(backend.model)
         checked["fused_vs_eager"] = compare_checks(eager[0], checked)
         checked["eager_vs_eager"] = compare_checks(eager[0], eager[1])
     stream = micro_batches(Prepared(examples, [], 0, 0), cfg)
@@ -117,8 +134,8 @@ def afinar_way(base, tok, examples, overrides: list[str], preset: str, steps: in
     t = cfg.train
     row.update(preset=preset, overrides=overrides, batch=t.batch_size, batch_tokens=t.batch_tokens,
                grad_accumulation=t.grad_accumulation, gradient_checkpointing=t.gradient_checkpointing,
-               max_seq_length=t.max_seq_length, lora_dropout=cfg.lora.dropout, fused_ops=backend.fuse_ops,
-               autocast_no_cudnn_attention=backend.cuda_speedups, check=checked)
+               max_seq_length=t.max_seq_length, lora_dropout=cfg.lora.dropout, fast_paths=sorted(backend.levers),
+               check=checked)
     return row
 
 
@@ -179,8 +196,8 @@ def compare_checks(ref: dict, other: dict) -> dict:
             "grad_rel_diff": {k: round(v, 5) for k, v in rel.items()}}
 
 
-def check_fused(tok, examples, shape: str) -> dict:
-    """Fused (compiled) against eager RMSNorm/SwiGLU on the GPU: loss and LoRA-B gradients of one batch.
+def check_fused(tok, examples, shape: str, bf16: bool = True) -> dict:
+    """Fused (compiled RMSNorm/SwiGLU/rotary, fused LoRA layers) against eager PEFT on the GPU: loss and LoRA-B gradients.
 
     fp32 on 2 layers of the 7B shape (no quantization): the kernels must compute the same
     function. bf16 on the full NF4 model, with Inductor told to round intermediates to bf16
@@ -188,8 +205,7 @@ def check_fused(tok, examples, shape: str) -> dict:
     """
     from transformers import MistralConfig, MistralForCausalLM
 
-    from afinar.backends import torch_fast
-    from afinar.backends.torch_backend import TorchBackend
+    from afinar.backends.torch_train import TorchTrainer
     from afinar.config import load_config, preset_path
     from afinar.synthetic import SHAPES
 
@@ -197,28 +213,39 @@ def check_fused(tok, examples, shape: str) -> dict:
 
     def compare(backend):
         fused = check(backend.loss_sum, backend.model)
-        torch_fast.unfuse(backend.model)
+        unfuse_all(backend.model)
         eager = [check(backend.loss_sum, backend.model) for _ in range(2)]
         return {"fused_vs_eager": compare_checks(eager[0], fused), "eager_vs_eager": compare_checks(eager[0], eager[1])}
 
     out = {}
     config = MistralConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                            tie_word_embeddings=False, **{**SHAPES[shape], "num_hidden_layers": 2})
-    torch.manual_seed(0)
-    with torch.device(R.device()):
-        small = MistralForCausalLM._from_config(config, dtype=torch.float32)
-    backend = TorchBackend(load_config(preset_path("cuda-80gb"), ["model.quantization=none", "model.compute_dtype=float32"]))
-    backend.fuse_ops = R.device().type == "cuda"
-    backend.attach(small, tok)
-    out["fp32_2_layers"] = compare(backend)
-    del backend, small
-    R.free_gpu()
+    fp32 = ["model.quantization=none", "model.compute_dtype=float32"]
+    all_linear = ["lora.rank=16", "lora.alpha=32",
+                  "lora.target_modules=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]"]
+    # q/k/v as the presets train; then every linear layer (the fused MLP too) with non-zero B, so
+    # every term of the fused gradients counts.
+    for name, overrides in (("fp32_2_layers", fp32), ("fp32_2_layers_all_linear", fp32 + all_linear)):
+        torch.manual_seed(0)
+        with torch.device(R.device()):
+            small = MistralForCausalLM._from_config(config, dtype=torch.float32)
+        backend = TorchTrainer(load_config(preset_path("cuda-80gb"), overrides))
+        backend.attach(small, tok)
+        if "all_linear" in name:
+            with torch.no_grad():
+                for param_name, p in backend.model.named_parameters():
+                    if "lora_B" in param_name:
+                        p.normal_(0, 0.01)
+        out[name] = compare(backend)
+        del backend, small
+        R.free_gpu()
+    if not bf16:
+        return out
     import torch._inductor.config as inductor_config
 
     inductor_config.emulate_precision_casts = True
     torch._dynamo.reset()
-    backend = TorchBackend(load_config(preset_path("cuda-80gb")))
-    backend.fuse_ops = R.device().type == "cuda"
+    backend = TorchTrainer(load_config(preset_path("cuda-80gb")))
     backend.attach(R.build_base(shape, tok), tok)
     out["bf16_emulate_precision_casts"] = compare(backend)
     for row in out.values():
@@ -237,6 +264,7 @@ def main(argv=None) -> None:
     p.add_argument("--only", default="", help="comma-separated row names to run")
     p.add_argument("--profile", default=None, help="write the top CUDA kernels of one afinar step here")
     p.add_argument("--check-fused", action="store_true", help="only compare fused and eager ops (fp32 and bf16)")
+    p.add_argument("--fp32-only", action="store_true", help="with --check-fused: skip the bf16 full-model check")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     env = R.environment(sys.argv)
@@ -244,7 +272,7 @@ def main(argv=None) -> None:
     examples = R.chat_examples(tok, args.examples)
     lengths = sorted(len(e.input_ids) for e in examples)
     if args.check_fused:
-        result = check_fused(tok, examples, args.shape)
+        result = check_fused(tok, examples, args.shape, bf16=not args.fp32_only)
         print(result)
         if args.out:
             R.merge_results(Path(args.out), "fused_ops_check", {"shape": args.shape, **result}, env)
@@ -258,8 +286,9 @@ def main(argv=None) -> None:
         "plain_hf_batch2_ckpt": lambda b: plain_hf(b, tok, examples, 2, True, st, wu, check),
         "afinar_auto": lambda b: afinar_way(b, tok, examples, [], auto, st, wu, check, profile=args.profile),
         "afinar_auto_dropout0.05": lambda b: afinar_way(b, tok, examples, ["lora.dropout=0.05"], auto, st, wu, check),
-        "afinar_auto_unfused": lambda b: afinar_way(b, tok, examples, [], auto, st, wu, check, fuse=False),
-        "afinar_auto_no_autocast": lambda b: afinar_way(b, tok, examples, [], auto, st, wu, check, mixed=False),
+        "afinar_auto_unfused": lambda b: afinar_way(b, tok, examples, [], auto, st, wu, check, levers="[autocast]"),
+        "afinar_auto_no_fused_lora": lambda b: afinar_way(b, tok, examples, [], auto, st, wu, check, levers="[autocast,fused_norms]"),
+        "afinar_auto_no_autocast": lambda b: afinar_way(b, tok, examples, [], auto, st, wu, check, levers="[fused_norms,fused_lora]"),
         "afinar_budget6144": lambda b: afinar_way(b, tok, examples, ["train.batch_tokens=6144"], auto, st, wu, check),
         "afinar_budget12288": lambda b: afinar_way(b, tok, examples, ["train.batch_tokens=12288"], auto, st, wu, check),
         "afinar_batch16": lambda b: afinar_way(b, tok, examples, ["train.batch_tokens=0", "train.batch_size=16"], auto,

@@ -50,7 +50,8 @@ def test_checkpoint_folders_best_and_final_adapter(make_cfg, qa_files, tmp_path)
     assert [s for s, _ in saved] == [4, 6]  # every 2 steps, the newest 2 kept; none at the last step (the run itself)
     for _, folder in saved:
         assert {p.name for p in folder.iterdir()} == {
-            "adapter_model.safetensors", "adapter_config.json", "optimizer.pt", rng.FILE, "trainer_state.json"}
+            "adapter_model.safetensors", "adapter_config.json", "optimizer.pt", rng.FILE, "trainer_state.json",
+            "manifest.json"}
     best_info, best_dir = checkpoints.best(run)
     evals = [r for r in (json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()) if "val_loss" in r]
     lowest = min(evals, key=lambda r: r["val_loss"])

@@ -17,7 +17,7 @@ from test_train import EVAL_KEYS, STEP_KEYS  # noqa: E402
 
 from afinar import runs  # noqa: E402
 
-RUN_FILES = {name.split("/")[0] for name in runs.RUN_FILES} | {"qlora_config.json", runs.LOSS_PLOT, "checkpoints"}
+RUN_FILES = {name.split("/")[0] for name in runs.RUN_FILES} | {"qlora_config.json", runs.LOSS_PLOT, runs.MANIFEST, "checkpoints"}
 ANSWER_KEYS = {"answer", "model", "adapter", "prompt_tokens", "completion_tokens", "latency_ms", "tokens_per_s"}
 QUESTION = "Quando foi fundado o Farense?"
 

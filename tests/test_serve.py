@@ -255,4 +255,5 @@ def test_cli_serve_rejects_bad_input_cleanly(tmp_path, run):
     cfg = json.loads((moved / "training_config.json").read_text())
     cfg["model"]["base"] = str(tmp_path / "no-such-model")
     (moved / "training_config.json").write_text(json.dumps(cfg))
-    assert_user_error(invoke("serve", moved, "--port", "0"), "Could not load the model", "no-such-model")
+    # the run is verified against its base before the server binds: one clean message
+    assert_user_error(invoke("serve", moved, "--port", "0"), "no-such-model", "no such folder")

@@ -21,7 +21,7 @@ from afinar.train import Trainer, run_training
 from conftest import QA, Boom, crash_on_step, qa_rows, tiny_config, write_jsonl
 
 # The run folder's top level: the contract's files, plus the method's config, the plot and the checkpoints.
-RUN_FILES = {name.split("/")[0] for name in runs.RUN_FILES} | {"lora_config.json", runs.LOSS_PLOT, "checkpoints"}
+RUN_FILES = {name.split("/")[0] for name in runs.RUN_FILES} | {"lora_config.json", runs.LOSS_PLOT, runs.MANIFEST, "checkpoints"}
 STEP_KEYS = {"event", "step", "epoch", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "elapsed_s", "memory_mb",
              "peak_memory_mb"}
 EVAL_KEYS = {"event", "step", "val_loss", "best_val_loss"}

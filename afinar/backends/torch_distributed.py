@@ -108,6 +108,11 @@ class FSDPTrainer(DDPTrainer):
 
     _root = None
 
+    def __init__(self, cfg: Config, world: World):
+        super().__init__(cfg, world)
+        # The fused LoRA layers read whole base weights, which FSDP keeps sharded outside its forward.
+        self.levers = self.levers - {"fused_lora"}
+
     def _quant_storage(self) -> torch.dtype:
         return self.dtype  # FSDP shards floating-point tensors of one dtype per unit
 

@@ -1,9 +1,11 @@
 """Training with PyTorch: transformers + PEFT LoRA, bitsandbytes NF4 for QLoRA; CUDA, MPS or CPU.
 
-The speed-ups of `train.fast_paths` (CUDA only; tests/test_fast_paths.py checks each equals the
-plain path) are decided once, here, from the config:
+The speed-ups of `train.fast_paths` (CUDA only; tests/test_fast_paths.py and test_lora_fused.py
+check each equals the plain path) are decided once, here, from the config:
   autocast     bf16/fp16 autocast and flash / memory-efficient SDPA (see `_precision`)
   fused_norms  RMSNorm and SwiGLU through compiled kernels (torch_fast.py)
+  fused_lora   base matmul + LoRA update in one autograd function per projection, q/k/v and MLP
+               (torch_lora_fused.py), where the module is provably PEFT's own function
 """
 
 from __future__ import annotations
@@ -65,6 +67,10 @@ class TorchTrainer:
             from afinar.backends.torch_fast import fuse_pointwise
 
             fuse_pointwise(self.model)
+        if "fused_lora" in self.levers:  # after fuse_pointwise, which would replace the fused MLP's forward
+            from afinar.backends.torch_lora_fused import fuse_lora
+
+            fuse_lora(self.model)
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=self.cfg.train.learning_rate,
                                            weight_decay=self.cfg.train.weight_decay, fused=self.device.type == "cuda")
