@@ -198,8 +198,7 @@ def eval_run(
     from afinar import atomic, evaluate, report
 
     quiet_libraries()
-    say = (lambda msg: None) if as_json else (lambda msg: err_console.print(f"[dim]{escape(msg)}[/]", highlight=False))
-    result = evaluate.evaluate_run(run, data, max_tokens, batch_size, latency_samples, on_progress=say,
+    result = evaluate.evaluate_run(run, data, max_tokens, batch_size, latency_samples,  # stages show on stderr
                                    verify=not no_verify)
     target = output or run / "eval.json"
     atomic.write_json(target, result)
@@ -250,14 +249,15 @@ def compare(
     args += ["--output", str(output)] + (["--prompts", str(prompts)] if prompts else [])
     if train_config:
         runs = C.train_variants(train_config, set_ or [], runs_dir or Path("runs") / output.name, overwrite, say)
-    results = C.compare_runs(runs or [], output, prompts, max_tokens, latency_samples, batch_size, overwrite, verify=not no_verify,
-                             command=shlex.join(args), say=say)
-    if results["ratios"]:
-        table = Table("", f"{results['ratios']['lora']} (LoRA)", f"{results['ratios']['qlora']} (QLoRA)", "QLoRA / LoRA")
-        for row in report.ratio_rows(results["ratios"]):
-            table.add_row(*row)
-        console.print(table)
-    console.print(escape(f"Written: {output}/comparison.md, comparison_results.json, loss.png, speed.png, memory.png"))
+    warn = lambda msg: err_console.print(f"[yellow]warning:[/] {escape(msg)}", highlight=False)
+    results = C.compare_runs(runs or [], output, prompts, max_tokens, latency_samples, batch_size, overwrite,
+                             command=shlex.join(args), say=say, warn=warn, verify=not no_verify)
+    head, rows = report.figure_rows(results)
+    table = Table(*head)
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+    console.print(escape(f"Written: {output}/ ({', '.join(sorted(p.name for p in output.iterdir()))})"))
 
 
 @app.command()

@@ -24,6 +24,7 @@ from afinar import __version__, atomic, evaluate, events, plots, report
 from afinar.config import load_config, preset_names, preset_path
 from afinar.errors import AfinarError
 from afinar import runs as runs_contract
+from afinar.status import status
 from afinar.runs import load_run
 
 VARIANTS = (("lora", "none"), ("qlora", "nf4"))  # (run name, model.quantization)
@@ -34,12 +35,16 @@ def _afinar(*args: str) -> list[str]:
     return [sys.executable, "-m", "afinar.cli", *args]
 
 
-def _run(cmd: list[str], echo: Callable[[str], None] | None) -> int:
-    """Run a sub-command; its output goes to ours, or line by line to `echo` (a notebook cell has no file descriptor)."""
+def _run(cmd: list[str], echo: Callable[[str], None] | None, stdout: bool = True) -> int:
+    """Run a sub-command; its output goes to ours, or line by line to `echo` (a notebook cell has no file descriptor).
+
+    `stdout=False` drops what it prints on stdout (results we read from its file), keeping stderr (progress, errors).
+    """
     if echo is None:
-        return subprocess.run(cmd).returncode
-    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1) as proc:
-        for line in proc.stdout:
+        return subprocess.run(cmd, stdout=None if stdout else subprocess.DEVNULL).returncode
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE if stdout else subprocess.DEVNULL,
+                          stderr=subprocess.STDOUT if stdout else subprocess.PIPE, text=True, bufsize=1) as proc:
+        for line in proc.stdout if stdout else proc.stderr:
             echo(line.rstrip("\n"))
     return proc.returncode
 
@@ -83,12 +88,14 @@ def train_variants(config: str | Path, overrides: list[str], runs_dir: Path, ove
 
 def evaluate_in_process(run: Path, data_file: str | Path, out_json: Path, max_tokens: int, latency_samples: int,
                         batch_size: int, echo: Callable[[str], None] | None = None, verify: bool = True) -> dict:
+    # --json: no table and no "Written: <scratch file>" line from the sub-process; the comparison shows the figures.
     cmd = _afinar("eval", str(run), "--data", str(data_file), "--output", str(out_json), "--max-tokens", str(max_tokens),
-                  "--latency-samples", str(latency_samples), "--batch-size", str(batch_size),
+                  "--latency-samples", str(latency_samples), "--batch-size", str(batch_size), "--json",
                   *([] if verify else ["--no-verify"]))
-    code = _run(cmd, echo)
+    code = _run(cmd, echo, stdout=False)
     if code != 0:
-        raise AfinarError(f"Evaluating {run} failed (exit {code}); its message is above. Command: afinar {' '.join(cmd[3:])}")
+        raise AfinarError(f"Evaluating {run} failed (exit {code}); its message is above. Command: afinar "
+                          f"{' '.join(cmd[3:]).replace(str(out_json), 'RESULT.json')}")
     return json.loads(out_json.read_text(encoding="utf-8"))
 
 
@@ -106,8 +113,12 @@ def run_names(runs: list[Path]) -> list[str]:
 def compare_runs(runs: list[str | Path], output: str | Path, prompts: str | Path | None = None, max_tokens: int = 128,
                  latency_samples: int = 10, batch_size: int = 16, overwrite: bool = False, command: str = "",
                  say: Callable[[str], None] = print, echo: Callable[[str], None] | None = None,
-                 verify: bool = True) -> dict:
-    """Evaluate every run on the same questions and write the comparison folder `output`."""
+                 warn: Callable[[str], None] | None = None, verify: bool = True) -> dict:
+    """Evaluate every run on the same questions and write the comparison folder `output`.
+
+    What makes the runs' figures not comparable (different base models, data, validation files or
+    step counts) is said through `warn` (default: `say`, prefixed "warning: ") and in comparison.md.
+    """
     runs = [Path(r) for r in runs]
     if len(runs) < 2:
         raise AfinarError(f"Give at least two runs to compare (got {len(runs)}), or --train CONFIG to train them.")
@@ -129,10 +140,12 @@ def compare_runs(runs: list[str | Path], output: str | Path, prompts: str | Path
                                              batch_size, echo, verify))
     results = build_results(names, runs, loaded, evals, prompts, max_tokens, latency_samples, command)
     histories = {name: events.read_metrics(run / runs_contract.METRICS) for name, run in zip(names, runs)}
-    with atomic.folder(output) as tmp:
+    with status(f"Writing {output}"), atomic.folder(output) as tmp:
         atomic.write_json(tmp / "comparison_results.json", results)
         plots.comparison_charts(results, histories, tmp)
         atomic.write_text(tmp / "comparison.md", report.comparison_markdown(results))
+    for line in results["warnings"]:
+        (warn or (lambda msg: say(f"warning: {msg}")))(line)
     return results
 
 
@@ -163,6 +176,7 @@ def build_results(names: list[str], runs: list[Path], loaded: list[tuple], evals
         "max_tokens": max_tokens,
         "latency_samples": latency_samples,
         "runs": entries,
+        "warnings": report.warnings(entries),
         "ratios": report.ratios(entries),
         "agreement": agreement,
         "questions": questions,
@@ -175,6 +189,7 @@ def run_entry(name: str, run: Path, cfg, meta: dict, ev: dict) -> dict:
         "name": name,
         "path": str(run),
         "base_model": cfg.model.base,
+        "base_sha256": (meta.get("base_model") or {}).get("sha256"),
         "method": cfg.method,
         "quantization": cfg.model.quantization,
         "compute_dtype": (meta.get("device") or {}).get("compute_dtype", cfg.model.compute_dtype),

@@ -92,6 +92,11 @@ class TrainConfig(_Section):
     divergence_factor: float = Field(
         5.0, ge=0, description="Stop when the smoothed loss exceeds this many times its running minimum (0 = only NaN/inf)."
     )
+    report_to: list[Literal["tensorboard", "wandb"]] = Field(
+        default_factory=list, description="Also send the figures of metrics.jsonl to TensorBoard (RUN/tensorboard/) "
+        "and/or Weights & Biases (pip install 'afinar[logging]'; W&B reads WANDB_PROJECT, WANDB_MODE=offline, "
+        "WANDB_DIR from the environment). [] = metrics.jsonl only."
+    )
     fast_paths: FastPaths | list[Literal["autocast", "fused_norms", "fused_lora"]] = Field(
         "auto", description="CUDA training speed-ups, each checked equal to the plain path by the tests: 'auto' = all "
         f"of {', '.join(TRAIN_LEVERS)} on CUDA (none elsewhere), 'off' = plain PEFT/transformers, or a list of levers."

@@ -24,12 +24,12 @@ import time
 import unicodedata
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable
 
 from afinar import data, schedule
 from afinar.data import Example
 from afinar.errors import AfinarError
 from afinar.stats import percentile
+from afinar.status import status
 
 # ---------------------------------------------------------------- answer quality
 
@@ -59,13 +59,13 @@ def recall_on(predictor, examples: list[Example], batch_size: int = 16, max_toke
 
 
 def answer_all(predictor, questions: list[str], batch_size: int = 16, max_tokens: int = 96,
-               on_progress: Callable[[int, int], None] | None = None) -> list[dict]:
-    """Greedy answers, `batch_size` questions per generate call."""
+               label: str = "") -> list[dict]:
+    """Greedy answers, `batch_size` questions per generate call (a status line counts them: `label`)."""
     answers: list[dict] = []
-    for i in range(0, len(questions), batch_size):
-        answers += predictor.ask_many(questions[i : i + batch_size], max_tokens=max_tokens)
-        if on_progress:
-            on_progress(len(answers), len(questions))
+    with status(f"{label}Answering {len(questions)} questions, {batch_size} at a time") as stage:
+        for i in range(0, len(questions), batch_size):
+            answers += predictor.ask_many(questions[i : i + batch_size], max_tokens=max_tokens)
+            stage.update(len(answers), len(questions))
     return answers
 
 
@@ -102,8 +102,9 @@ def answer_quality(examples: list[Example], answers: list[dict], max_tokens: int
 def validation(predictor, examples: list[Example]) -> dict | None:
     """Loss per answer token and perplexity, encoded exactly as the run was trained."""
     cfg = predictor.cfg
-    kept = [e for e in schedule.encode_all(cfg, predictor.tokenizer, examples) if e.n_targets > 0]
-    loss = schedule.validation_loss(predictor.backend, kept, schedule.eval_batch_size(cfg))
+    with status(f"Loss on {len(examples)} examples"):
+        kept = [e for e in schedule.encode_all(cfg, predictor.tokenizer, examples) if e.n_targets > 0]
+        loss = schedule.validation_loss(predictor.backend, kept, schedule.eval_batch_size(cfg))
     if loss is None:
         return None
     return {"loss": round(loss, 5), "perplexity": round(math.exp(min(loss, 700)), 4), "examples": len(kept),
@@ -113,12 +114,14 @@ def validation(predictor, examples: list[Example]) -> dict | None:
 def speed(predictor, questions: list[str], max_tokens: int) -> dict:
     """Latency and tokens/s of single questions (one generate call each, like `afinar ask`)."""
     latencies, rates, tokens = [], [], 0
-    for q in questions:
-        a = predictor.ask(q, max_tokens=max_tokens)
-        latencies.append(a["latency_ms"])
-        tokens += a["completion_tokens"]
-        if a["completion_tokens"]:
-            rates.append(a["completion_tokens"] / (a["latency_ms"] / 1000))
+    with status(f"Latency: {len(questions)} questions asked one at a time") as stage:
+        for q in questions:
+            a = predictor.ask(q, max_tokens=max_tokens)
+            latencies.append(a["latency_ms"])
+            tokens += a["completion_tokens"]
+            if a["completion_tokens"]:
+                rates.append(a["completion_tokens"] / (a["latency_ms"] / 1000))
+            stage.update(len(latencies), len(questions))
     total_s = sum(latencies) / 1000
     return {
         "questions": len(questions),
@@ -160,18 +163,14 @@ def run_data_file(run: str | Path, cfg, metadata: dict, split: str) -> Path | No
     return path
 
 
-def score_file(predictor, path: Path, batch_size: int, max_tokens: int,
-               say: Callable[[str], None]) -> tuple[dict, float | None]:
+def score_file(predictor, path: Path, batch_size: int, max_tokens: int) -> tuple[dict, float | None]:
     """(loss, answer quality and every answer of one data file; batched generation tokens/s)."""
     examples = read_questions(path)
     asked = [ex for ex in examples if ex.question]
     scored = [ex for ex in examples if ex.messages is None or reference(ex) is not None]  # text, or with an answer
-    say(f"{path.name}: loss on {len(scored)} examples")
     loss = validation(predictor, scored) if scored else None
-    say(f"{path.name}: answering {len(asked)} questions")
     started = time.perf_counter()
-    answers = answer_all(predictor, [ex.question for ex in asked], batch_size, max_tokens,
-                         lambda done, total: say(f"{path.name}: answered {done}/{total}"))
+    answers = answer_all(predictor, [ex.question for ex in asked], batch_size, max_tokens, label=f"{path.name}: ")
     seconds = time.perf_counter() - started
     rate = round(sum(a["completion_tokens"] for a in answers) / seconds, 1) if seconds > 0 else None
     return {
@@ -188,20 +187,19 @@ def score_file(predictor, path: Path, batch_size: int, max_tokens: int,
 
 
 def evaluate_run(run: str | Path, data_file: str | Path | None = None, max_tokens: int = 128,
-                 batch_size: int = 16, latency_samples: int = 10,
-                 on_progress: Callable[[str], None] | None = None, verify: bool = True) -> dict:
+                 batch_size: int = 16, latency_samples: int = 10, verify: bool = True) -> dict:
     """Every measure of one run on `data_file` (default: the run's validation file), as a dict.
 
     Without `data_file`, the run's held-out test file (if it has one) is scored too, under "test".
     Memory is the backend's own measure (device memory on a GPU, process RSS on CPU): before
     loading, once the model is loaded for answering, and the peak of the whole evaluation.
-    Run one evaluation per process for a meaningful peak (`afinar compare` does).
+    Run one evaluation per process for a meaningful peak (`afinar compare` does). Each slow
+    stage shows on stderr (`afinar.status`).
     """
     from afinar.backends import answering_backend
     from afinar.inference import Predictor
     from afinar.runs import load_run
 
-    say = on_progress or (lambda msg: None)
     cfg, metadata = load_run(run, verify=verify)
     if data_file is not None:
         main, test = Path(data_file), None
@@ -213,13 +211,12 @@ def evaluate_run(run: str | Path, data_file: str | Path | None = None, max_token
             raise AfinarError(f"{run} was trained without a validation file: pass --data FILE (JSONL with questions "
                               "and answers).")
     before = answering_backend(cfg).memory()["memory_mb"]
-    say(f"loading {cfg.model.base} + adapter {run}")
-    predictor = Predictor(run, verify=verify)
+    with status(f"Loading {cfg.model.base} with the adapter of {run}"):
+        predictor = Predictor(run, verify=verify)
     loaded = predictor.backend.memory()["memory_mb"]
-    primary, batched_rate = score_file(predictor, main, batch_size, max_tokens, say)
-    held_out = score_file(predictor, test, batch_size, max_tokens, say)[0] if test is not None else None
+    primary, batched_rate = score_file(predictor, main, batch_size, max_tokens)
+    held_out = score_file(predictor, test, batch_size, max_tokens)[0] if test is not None else None
     questions = [a["question"] for a in primary["answers"]]
-    say(f"latency on {min(latency_samples, len(questions))} single questions")
     timing = {**speed(predictor, questions[:latency_samples], max_tokens), "batched_tokens_per_s": batched_rate,
               "batch_size": batch_size}
     memory = predictor.backend.memory()

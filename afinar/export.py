@@ -15,6 +15,7 @@ from pathlib import Path
 
 from afinar import adapters, atomic, models
 from afinar.errors import AfinarError
+from afinar.status import status
 
 
 def adapter_source(source: Path, fmt: str) -> Path:
@@ -63,8 +64,9 @@ def export_merged(run: str | Path, output: str | Path, overwrite: bool = False, 
         cfg.backend = backend
     atomic.refuse_existing(output, overwrite)
     engine = answering_backend(cfg)
-    tokenizer = engine.load(models.resolve(cfg.model.base), run)
-    with atomic.folder(output) as tmp:
+    with status(f"Loading {cfg.model.base} with the adapter of {run}"):
+        tokenizer = engine.load(models.resolve(cfg.model.base), run)
+    with status(f"Merging the adapter into the dequantized base and writing {output}"), atomic.folder(output) as tmp:
         engine.save_merged(tmp)
         tokenizer.save_pretrained(str(tmp))
         atomic.write_json(tmp / "afinar_export.json", {

@@ -18,6 +18,7 @@ from urllib.parse import urlparse
 
 from afinar import atomic
 from afinar.errors import AfinarError
+from afinar.status import status
 
 EMBEDDED = {
     # name -> (python package that ships the file, file name inside the package)
@@ -97,6 +98,41 @@ def _in_hub_cache(repo_id: str) -> bool:
         return False
 
 
+def saved_quantization(config: dict) -> str | None:
+    """How a model's weights are stored, from its config.json: None (full precision), 'bnb-4bit'
+    (bitsandbytes, as `*-bnb-4bit` hub models ship), 'mlx' (mlx-lm's affine quantization, as
+    mlx-community ships), or another method's name ('gptq', 'awq', ...)."""
+    if isinstance(config.get("quantization"), dict):  # mlx-lm writes it (and a copy as quantization_config)
+        return "mlx"
+    qc = config.get("quantization_config") or (config.get("text_config") or {}).get("quantization_config")
+    if not qc:
+        return None
+    method = qc.get("quant_method")
+    if method == "bitsandbytes":
+        return "bnb-4bit" if qc.get("load_in_4bit") else "bnb-8bit"
+    if method is None and {"bits", "group_size"} <= set(qc):
+        return "mlx"
+    return str(method)
+
+
+def local_folder(model: ResolvedModel) -> Path:
+    """The model's folder on this machine: a hub id is downloaded (or found in the hub cache) first.
+
+    For the backends that read files themselves (MLX); transformers downloads by itself.
+    """
+    if model.is_local:
+        return Path(model.path)
+    from huggingface_hub import snapshot_download
+
+    try:
+        with status(f"Downloading {model.name} from the model hub (once; later runs use the hub cache)"):
+            # weights, config, tokenizer and chat template: not the other formats some repos carry too
+            return Path(snapshot_download(model.path, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt",
+                                                                      "*.jinja", "*.tiktoken"]))
+    except Exception as e:  # offline, typo, gated repo: the same message as for torch
+        raise hub_load_error(model.name, e) from None
+
+
 def hub_load_error(base: str, exc: Exception) -> AfinarError:
     """The message for a hub id that cannot be loaded (offline, typo, gated repo)."""
     return AfinarError(
@@ -116,7 +152,7 @@ def _materialise_gguf(gguf: Path, folder: Path) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    with atomic.folder(folder) as tmp:
+    with status(f"Dequantizing {gguf.name} into {folder} (once; later loads reuse it)"), atomic.folder(folder) as tmp:
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         # A model loaded from GGUF refuses save_pretrained ("not serializable"): rebuild it from
@@ -144,20 +180,20 @@ def content_hash(model: ResolvedModel) -> str | None:
         cache = json.loads(cache_file.read_text())
     except (OSError, ValueError):
         cache = {}
+    keys = {p: f"{p.resolve()}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files}
+    new = [p for p in files if keys[p] not in cache]
+    if new:  # a 7B model's weights take tens of seconds to hash: once per file version
+        with status(f"Hashing the weights of {model.name} ({sum(p.stat().st_size for p in new) / 2**30:.1f} GiB, once)"):
+            for p in new:
+                h = hashlib.sha256()
+                with open(p, "rb") as f:
+                    for chunk in iter(lambda: f.read(1 << 24), b""):
+                        h.update(chunk)
+                cache[keys[p]] = h.hexdigest()
     digest = hashlib.sha256()
-    changed = False
     for p in files:
-        st = p.stat()
-        key = f"{p.resolve()}:{st.st_size}:{st.st_mtime_ns}"
-        if key not in cache:
-            h = hashlib.sha256()
-            with open(p, "rb") as f:
-                for chunk in iter(lambda: f.read(1 << 24), b""):
-                    h.update(chunk)
-            cache[key] = h.hexdigest()
-            changed = True
-        digest.update(f"{p.name}:{cache[key]}\n".encode())
-    if changed:  # drop entries of files that are gone (temporary test models, deleted caches)
+        digest.update(f"{p.name}:{cache[keys[p]]}\n".encode())
+    if new:  # drop entries of files that are gone (temporary test models, deleted caches)
         cache = {k: v for k, v in cache.items() if Path(k.rsplit(":", 2)[0]).exists()}
         atomic.write_json(cache_file, cache)
     return digest.hexdigest()

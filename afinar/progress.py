@@ -7,10 +7,16 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from afinar import events
+from afinar import status
 
 
 class TrainingDisplay:
-    """`on_event` for the trainer: a rich bar on a terminal, one line per `log_every` steps otherwise."""
+    """`on_event` for the trainer: a rich bar on a terminal, one line per `log_every` steps otherwise.
+
+    Slow stages (`events.Status`: loading the model, tokenizing, validation, checkpoints) show as a
+    spinner with the elapsed time before the bar exists, in the bar while it runs, and as one line
+    with their duration when they took longer than `status.SLOW_S` seconds.
+    """
 
     def __init__(self, console: Console | None = None, log_every: int = 10):
         self.console = console or Console(stderr=True)
@@ -18,6 +24,8 @@ class TrainingDisplay:
         self.progress: Progress | None = None
         self.task = None
         self.total = 0
+        self.stages: dict[str, status.Stage] = {}
+        status.use_console(self.console)  # stages of library code (GGUF, hashing) then share this terminal
 
     def __call__(self, e: events.Event) -> None:
         if isinstance(e, events.Start):
@@ -53,13 +61,18 @@ class TrainingDisplay:
         self.console.print(f"[dim]{text}[/]" if dim else text, highlight=False)
 
     def _status(self, e: events.Status) -> None:
-        """A slow stage: say it starts (on a terminal the bar shows it), and how long it took."""
+        """A slow stage: in the bar while training, else a status spinner; its duration once done."""
         if not e.done:
             if self.progress is not None:
                 self.progress.update(self.task, stats=f"{e.stage}...")
+            else:
+                self.stages[e.stage] = status.Stage(e.stage, self.console).start()
             return
-        if e.seconds is not None and e.seconds >= 2:
-            self._print(f"  {e.stage} took {e.seconds:.1f} s", dim=True)
+        stage = self.stages.pop(e.stage, None)
+        if stage is not None:  # it prints its own line (if it was slow and finished)
+            stage.stop(ok=e.seconds is not None)
+        elif e.seconds is not None and e.seconds > status.SLOW_S:
+            self._print(f"  {status.done_line(e.stage, e.seconds)}", dim=True)
 
     def _start(self, e: events.Start) -> None:
         dev = e.device
@@ -109,6 +122,9 @@ class TrainingDisplay:
             self.console.print(f"  step {e.step:>5}/{self.total}  {stats}", highlight=False)
 
     def _stop(self) -> None:
+        for stage in self.stages.values():
+            stage.stop(ok=False)
+        self.stages.clear()
         if self.progress is not None:
             self.progress.stop()
             self.progress = None

@@ -110,19 +110,61 @@ def cell(text) -> str:
     return " ".join(str(text).split()).replace("|", "\\|") or " "
 
 
-def figures_table(results: dict) -> str:
-    """Metric rows, one column per run, and QLoRA/LoRA when both are present."""
+def figure_rows(results: dict, code: bool = False) -> tuple[list[str], list[list[str]]]:
+    """(header, rows): metric rows, one column per run, and QLoRA/LoRA when both are present."""
     entries = results["runs"]
     r = results.get("ratios")
-    head = ["", *(f"`{e['name']}` ({LABEL.get(e['method'], e['method'])})" for e in entries)] + (["QLoRA / LoRA"] if r else [])
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    quote = "`" if code else ""
+    head = ["", *(f"{quote}{e['name']}{quote} ({LABEL.get(e['method'], e['method'])})" for e in entries)]
+    head += ["QLoRA / LoRA"] if r else []
+    rows = []
     for i, (label, path, pattern, _) in enumerate(METRICS):
         row = [label, *(fmt(get(e, path), pattern) for e in entries)]
         if r:
             ratio = r["metrics"][i]["ratio"]
             row.append("n/a" if ratio is None else f"{ratio:.2f}x")
-        lines.append("| " + " | ".join(row) + " |")
-    return "\n".join(lines)
+        rows.append(row)
+    return head, rows
+
+
+def figures_table(results: dict) -> str:
+    """The figures as a markdown table (see `figure_rows`)."""
+    head, rows = figure_rows(results, code=True)
+    return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+                     + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+# ---------------------------------------------------------------- what makes runs not comparable
+
+# (what differs, the run-entry key holding it, what that means for the figures)
+COMPARABLE = [
+    ("base models", "base_model", "every figure compares different models, not only the fine-tuning"),
+    ("base model weights", "base_sha256", "the same name holds different weights: every figure compares different models"),
+    ("training data", "data.train", "differences in loss and answers may come from the data"),
+    ("validation files", "data.val", "their training validation losses (best validation loss) are not comparable"),
+    ("step counts", "training.steps", "training time, loss and answer quality compare unequal amounts of training"),
+]
+
+
+def warnings(entries: list[dict]) -> list[str]:
+    """One sentence per way the runs differ besides their settings; a value a run lacks is not compared."""
+    out = []
+    for what, path, meaning in COMPARABLE:
+        values = {e["name"]: get(e, path) for e in entries}
+        known = {v for v in values.values() if v is not None}
+        if None in values.values() or len(known) < 2:
+            continue
+        if what == "base model weights" and len({get(e, "base_model") for e in entries}) > 1:
+            continue  # already said by "base models"
+        shown = ", ".join(f"{name}: {_short(v)}" for name, v in values.items())
+        out.append(f"The runs have different {what} ({shown}): {meaning}.")
+    return out
+
+
+def _short(value) -> str:
+    """A sha256 shortened to 12 characters; anything else as it is."""
+    text = str(value)
+    return text[:12] if len(text) == 64 and all(c in "0123456789abcdef" for c in text) else text
 
 
 def setup_lines(results: dict) -> str:
@@ -157,6 +199,7 @@ def comparison_markdown(results: dict, answers_shown: int | None = None) -> str:
         "",
         setup_lines(results),
         "",
+        *[f"> **Warning:** {w}\n" for w in results.get("warnings") or []],
         "## Figures",
         "",
         figures_table(results),

@@ -12,6 +12,7 @@ typed events (events.py), which the run writer appends to metrics.jsonl and `on_
 
 from __future__ import annotations
 
+import contextlib
 import math
 import platform
 import shutil
@@ -23,9 +24,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
-from afinar import __version__, checkpoints, data, distributed, events, memory, models, oserrors, rng, schedule
+from afinar import __version__, checkpoints, data, distributed, events, memory, models, oserrors, rng, schedule, sinks
 from afinar.backends import TrainingBackend, training_backend
 from afinar.config import Config
 from afinar.errors import AfinarError
@@ -85,7 +86,8 @@ class Trainer:
         self.cfg, self.output = cfg, Path(output)
         self.overwrite, self.resume, self.force = overwrite, resume, force
         self.world = distributed.from_env()
-        self.on_event = on_event if self.world.main else None  # one process prints
+        # One process prints and logs: the display, and the TensorBoard / W&B sinks of train.report_to.
+        self.on_event = sinks.fan_out(on_event, *sinks.for_config(cfg, self.output)) if self.world.main else None
         self.backend, self._loaded = backend, backend is not None
         self.state = LoopState()
         self.writer: RunWriter | None = None
@@ -138,11 +140,14 @@ class Trainer:
             self.writer = RunWriter.create(self.output, self.overwrite, cfg)
         if not self._loaded:
             self.backend = training_backend(cfg, self.world)
-            tokenizer = self.backend.load(self.resolved)
+            with self.stage(f"Loading the base model {cfg.model.base}"):
+                tokenizer = self.backend.load(self.resolved)
         else:
             tokenizer = self.backend.tokenizer
         self.collective = self.backend.collective
-        self._start(schedule.prepare(cfg, tokenizer, self.train_ex, self.val_ex))
+        with self.stage(f"Tokenizing {len(self.train_ex)} training and {len(self.val_ex)} validation examples"):
+            prepared = schedule.prepare(cfg, tokenizer, self.train_ex, self.val_ex)
+        self._start(prepared)
 
     @classmethod
     def on_examples(cls, cfg: Config, backend: TrainingBackend, examples: list[data.Encoded],
@@ -207,17 +212,16 @@ class Trainer:
         st = self.state
         if not self.prepared.val:
             return None
-        self.emit(events.Status("validation"))
-        t0 = time.perf_counter()
-        val = schedule.validation_loss(self.backend, self.prepared.val, schedule.eval_batch_size(self.cfg),
-                                       self.world, self.collective)
-        self.emit(events.Status("validation", done=True, seconds=round(time.perf_counter() - t0, 2)))
+        with self.stage("validation"):
+            val = schedule.validation_loss(self.backend, self.prepared.val, schedule.eval_batch_size(self.cfg),
+                                           self.world, self.collective)
         st.last_val = val
         if st.best_val is None or val < st.best_val:
             st.best_val, st.best_step, st.evals_without_improvement = val, st.step, 0
             if self.world.main:
                 t0 = time.perf_counter()
-                checkpoints.save_best(self.writer.tmp, self.backend, st.step, val)
+                with self.stage("saving the best adapter"):
+                    checkpoints.save_best(self.writer.tmp, self.backend, st.step, val)
                 self.log(events.Checkpoint(step=st.step, seconds=round(time.perf_counter() - t0, 2), best=True))
         else:
             st.evals_without_improvement += 1
@@ -233,9 +237,10 @@ class Trainer:
     def save(self) -> Path:
         """A step checkpoint: the backend's state, every RNG state and the loop state (exact resume)."""
         t0 = time.perf_counter()
-        path = checkpoints.save(self.writer.tmp, self.backend,
-                                {"step": self.state.step, "total_steps": self.total, "loop": asdict(self.state)},
-                                self.cfg.train.keep_checkpoints)
+        with self.stage("saving a checkpoint"):
+            path = checkpoints.save(self.writer.tmp, self.backend,
+                                    {"step": self.state.step, "total_steps": self.total, "loop": asdict(self.state)},
+                                    self.cfg.train.keep_checkpoints)
         self.log(events.Checkpoint(step=self.state.step, seconds=round(time.perf_counter() - t0, 2)))
         return path
 
@@ -257,8 +262,9 @@ class Trainer:
             with oserrors.writing(self.writer.tmp, run=self.writer.tmp, mid_run=True):
                 self.backend.save_adapter(self.writer.tmp)
             adapter_step, adapter_source = st.step, "last"
-        metadata = self._metadata(stopped, adapter_step, adapter_source)
-        self.writer.finish(cfg, metadata, self._state_summary(), self._guide_question())
+        with self.stage("Writing the run folder"):
+            metadata = self._metadata(stopped, adapter_step, adapter_source)
+            self.writer.finish(cfg, metadata, self._state_summary(), self._guide_question())
         result = self._result(stopped, adapter_step, metadata)
         self.emit(events.Done(output=str(self.output), train_time_s=metadata["train_time_s"],
                               tokens_per_s=metadata["tokens_per_s"], final_val_loss=metadata["final_val_loss"]))
@@ -271,6 +277,18 @@ class Trainer:
     def emit(self, event: events.Event) -> None:
         if self.on_event is not None:
             self.on_event(event)
+
+    @contextlib.contextmanager
+    def stage(self, text: str) -> Iterator[None]:
+        """Announce a slow stage (`events.Status`) and its end; a failed one ends without a duration."""
+        self.emit(events.Status(text))
+        t0 = time.perf_counter()
+        try:
+            yield
+        except BaseException:
+            self.emit(events.Status(text, done=True))
+            raise
+        self.emit(events.Status(text, done=True, seconds=round(time.perf_counter() - t0, 2)))
 
     def log(self, event: events.Event) -> None:
         """A record for metrics.jsonl (rank 0) and for the display."""

@@ -46,6 +46,9 @@ def compared(tiny_model, tmp_path_factory):
 def test_compare_train_writes_the_report(compared):
     root, out, result = compared
     assert result.exit_code == 0, result.output
+    # The terminal names the real output folder, never the scratch files the evaluations went through.
+    assert f"Written: {out}/ (comparison.md, comparison_results.json" in " ".join(result.stdout.split())
+    assert "afinar-compare-" not in result.output and "warning" not in result.output.lower()
     assert sorted(p.name for p in out.iterdir()) == ["comparison.md", "comparison_results.json", "loss.png",
                                                      "memory.png", "speed.png"]
     for png in ("loss.png", "memory.png", "speed.png"):
@@ -84,6 +87,40 @@ def test_compare_ratios_and_agreement_follow_the_figures(compared):
     assert "QLoRA / LoRA" in md and "![loss curves](loss.png)" in md
     assert all(q["question"] in md for q in results["questions"])
     assert results["command"].startswith("afinar compare --train") and "train.max_steps=2" in results["command"]
+    assert results["warnings"] == [] and "Warning" not in md  # same base, data, validation file and steps
+
+
+def test_compare_warns_when_runs_differ(compared, tmp_path, monkeypatch):
+    """Another base, validation file and step count: each is named in the terminal and in comparison.md."""
+    from afinar import compare
+    from afinar.synthetic import make_random_model
+    from afinar.train import run_training
+
+    from conftest import tiny_config
+
+    # Evaluate in this process (the sub-process path is the fixture's): the warnings are what is tested here.
+    monkeypatch.setattr(compare, "evaluate_in_process", lambda run, data_file, out_json, max_tokens, latency_samples,
+                        batch_size, echo=None, verify=True: evaluate.evaluate_run(run, data_file, max_tokens, batch_size,
+                                                                                  latency_samples, verify=verify))
+
+    root, _, _ = compared
+    lora = root / "runs" / "lora"
+    other_base = make_random_model(tmp_path / "other-base", "tiny", seed=1)
+    other_val = write_jsonl(tmp_path / "val.jsonl", qa_rows(QA[:2]))
+    cfg = tiny_config(other_base, "train.max_steps=3", train=root / "data" / "train.jsonl", val=other_val)
+    other = run_training(cfg, tmp_path / "other").output
+    out = tmp_path / "cmp"
+    result = invoke("compare", lora, other, "--output", out, "--max-tokens", "3", "--latency-samples", "0")
+    assert result.exit_code == 0, result.output
+    results = json.loads((out / "comparison_results.json").read_text())
+    said = " ".join(result.stderr.split())
+    md = (out / "comparison.md").read_text()
+    expected = {"base models": str(other_base), "validation files": "", "step counts": "lora: 2, other: 3"}
+    assert len(results["warnings"]) == len(expected)
+    for what, detail in expected.items():
+        (line,) = [w for w in results["warnings"] if f"different {what}" in w]
+        assert detail in line and f"warning: {line}" in said and f"> **Warning:** {line}" in md
+    assert not any("training data" in w for w in results["warnings"])  # both trained on the same file
 
 
 def test_compare_refuses_bad_requests_cleanly(compared, tiny_model, tmp_path):

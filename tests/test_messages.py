@@ -26,7 +26,7 @@ SET_KEY = re.compile(r"--set ([a-z_]+\.[a-z_]+)")
 FOREIGN = {"--nproc-per-node", "--multi_gpu", "--enable-lora", "--lora-modules", "--max-lora-rank", "--jinja",
            "--index-url", "--no-deps", "--host", "--port", "--model", "--served-model-name", "--test", "--max-loras",
            "--nnodes", "--node-rank", "--rdzv-endpoint", "--rdzv-backend", "--num_processes", "--rdzv-id", "--data",
-           "--header", "--no-cache-dir"}
+           "--header", "--no-cache-dir", "--logdir"}
 
 
 def _strings() -> list[tuple[str, str]]:

@@ -7,8 +7,10 @@ adapter is written in PEFT format (so it loads in plain PEFT on NVIDIA) and the 
 also carries mlx-lm's own format (see afinar/adapters.py).
 
 QLoRA here means MLX's affine 4-bit quantization (group size 64) of the base's Linear layers:
-MLX has no NF4. The tokenizer is the Hugging Face one, exactly as in the torch backend, so
-both backends see the same token ids for the same data.
+MLX has no NF4. A folder already saved in MLX 4-bit (config.json's `quantization`, as mlx-community
+models ship) is used as saved: mlx-lm builds its quantized layers, and nothing is quantized again.
+The tokenizer is the Hugging Face one, exactly as in the torch backend, so both backends see the
+same token ids for the same data.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from afinar import adapters, data, hardware
+from afinar import adapters, data, hardware, models
 from afinar import targets as lora_targets
 from afinar.backends import mlx_config
 from afinar.config import Config
@@ -89,6 +91,7 @@ class MLXModel:
         self.num_layers = 0
         self.stop_ids: list[int] = []  # every token that ends an answer (set by _load)
         self.targets = None  # the LoRA targets resolved for this model (set by _load)
+        self.saved_quantization: dict | None = None
 
     # ------------------------------------------------------------ loading
 
@@ -99,22 +102,27 @@ class MLXModel:
         from transformers import AutoTokenizer
 
         mx, nn = self.mx, self.nn
-        path = self.base_path = Path(model.path)
+        path = self.base_path = models.local_folder(model)
+        try:
+            config = json.loads((path / "config.json").read_text())
+        except (OSError, ValueError) as e:
+            raise AfinarError(f"MLX could not read the config of model.base={model.name!r} ({path}): {e}") from None
+        self.saved_quantization = self._check_saved_quantization(model, config)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(path)
-            # The keys mlx-lm reads at the top level of config.json, from a transformers-5 config (mlx_config.py).
+            # The keys mlx-lm reads at the top level of config.json, from a transformers-5 config (mlx_config.py);
+            # an MLX 4-bit folder's quantized layers are built as they were saved.
             net, _ = load_model(path, model_config=mlx_config.read_mlx_keys(path))
         except (OSError, FileNotFoundError, ValueError) as e:
             raise AfinarError(f"MLX could not load model.base={model.name!r} from {path}: {e}") from None
         if self.tokenizer.eos_token_id is None:
             raise AfinarError(f"The tokenizer of {model.name!r} has no EOS token: answers could never end.")
         self.stop_ids = data.stop_token_ids(self.tokenizer, path)  # EOS + generation_config + end of turn
-        net.set_dtype(self.dtype)
-        config = json.loads((path / "config.json").read_text())
+        net.set_dtype(self.dtype)  # floating-point parameters only: packed 4-bit weights stay as they are
         text = config.get("text_config") or config  # multimodal checkpoints nest the language model's
         self.model_type = config["model_type"]
         self.hidden_size, self.vocab_size = text.get("hidden_size", 0), text.get("vocab_size", len(self.tokenizer))
-        if self.cfg.model.quantization != "none":
+        if self.cfg.model.quantization != "none" and self.saved_quantization is None:
             quantize_base(net)
         net.freeze()
         layers = net.layers
@@ -136,6 +144,21 @@ class MLXModel:
         self.model = net
         if adapter_dir is not None:
             self._load_peft(Path(adapter_dir))
+
+    def _check_saved_quantization(self, model: ResolvedModel, config: dict) -> dict | None:
+        """The `quantization` of an MLX 4-bit folder (used as saved), None for a full-precision one;
+        an error for what MLX cannot train on, or for plain LoRA asked of a 4-bit base."""
+        saved = models.saved_quantization(config)
+        where = f"model.base={model.name!r} is stored"
+        if saved is None:
+            return None
+        if saved != "mlx":
+            raise AfinarError(f"{where} quantized with '{saved}', which the MLX backend cannot load. Use the "
+                              "full-precision model (quantized at load) or an MLX 4-bit one (mlx-community).")
+        if self.cfg.model.quantization == "none":
+            raise AfinarError(f"{where} in MLX 4-bit, so training on it is QLoRA: set --set model.quantization=nf4 "
+                              "(or int4), or use the full-precision model for plain LoRA.")
+        return config.get("quantization") or config.get("quantization_config")
 
     def _lora_modules(self) -> dict[str, Any]:
         from mlx_lm.tuner.lora import LoRALinear
@@ -219,6 +242,16 @@ class MLXModel:
 
     # ------------------------------------------------------------ reporting
 
+    def _quantization_text(self) -> str:
+        if self.cfg.model.quantization == "none":
+            return "none"
+        saved = self.saved_quantization
+        if saved:
+            return (f"MLX {saved.get('mode', 'affine')} {saved.get('bits')}-bit, group size {saved.get('group_size')}, "
+                    "as saved in the model folder (not quantized again)")
+        return (f"MLX affine {BITS}-bit, group size {GROUP_SIZE} (MLX has no NF4; "
+                f"model.quantization={self.cfg.model.quantization} maps to this)")
+
     def memory(self) -> dict[str, float]:
         mx = self.mx
         if mx.default_device() == mx.gpu:
@@ -236,9 +269,7 @@ class MLXModel:
             "device": "mlx/gpu (Metal)" if device == mx.gpu else "mlx/cpu",
             "device_name": hardware.detect().name,
             "compute_dtype": str(self.dtype).removeprefix("mlx.core."),
-            "quantization": (f"MLX affine {BITS}-bit, group size {GROUP_SIZE} (MLX has no NF4; "
-                             f"model.quantization={self.cfg.model.quantization} maps to this)")
-            if self.cfg.model.quantization != "none" else "none",
+            "quantization": self._quantization_text(),
             "versions": {"mlx": mx.__version__, "mlx_lm": mlx_lm.__version__},
         }
         return info

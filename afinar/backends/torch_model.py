@@ -16,7 +16,7 @@ from afinar import targets as lora_targets
 from afinar.backends import torch_head
 from afinar.config import Config
 from afinar.errors import AfinarError
-from afinar.models import ResolvedModel, hub_load_error
+from afinar.models import ResolvedModel, hub_load_error, saved_quantization
 
 log = logging.getLogger("afinar")
 
@@ -40,6 +40,9 @@ def load_base(cfg: Config, model: ResolvedModel, device: torch.device, dtype: to
               quant_storage: torch.dtype = torch.uint8):
     """(base model, tokenizer): 4-bit NF4 for QLoRA (any model.quantization but 'none'), else `dtype`.
 
+    A folder saved in bitsandbytes 4-bit (config.json's `quantization_config`, as `*-bnb-4bit` hub
+    models ship) is loaded as it is: a smaller download and no quantization at load.
+
     `quant_storage`: the dtype bitsandbytes packs 4-bit weights into (FSDP shards floating-point
     tensors only, all of one dtype per unit: bitsandbytes' FSDP-QLoRA guide).
     """
@@ -52,8 +55,9 @@ def load_base(cfg: Config, model: ResolvedModel, device: torch.device, dtype: to
             "not run on Apple's MPS. Use the MLX backend for 4-bit on this Mac (pip install 'afinar[mlx]', then "
             "--set backend=mlx), or --set model.quantization=none (LoRA on MPS)."
         )
+    saved = _saved_quantization(cfg, model, quant_storage)
     kwargs: dict[str, Any] = {"dtype": dtype}
-    if quantize:
+    if quantize and saved is None:  # a bnb-4bit folder is loaded as saved: a second config would conflict
         from transformers import BitsAndBytesConfig
 
         kwargs["quantization_config"] = BitsAndBytesConfig(
@@ -71,9 +75,44 @@ def load_base(cfg: Config, model: ResolvedModel, device: torch.device, dtype: to
         raise AfinarError(f"Could not load model.base={model.name!r} from {model.path}: {e}") from None
     if device.type != "cuda" and not quantize:
         base.to(device)
+    if saved is not None:  # compute in the run's dtype, whatever dtype the folder was saved with
+        for module in base.modules():
+            if hasattr(module, "compute_dtype") and type(module).__name__ == "Linear4bit":
+                module.compute_dtype = dtype
     if tokenizer.eos_token_id is None:
         raise AfinarError(f"The tokenizer of {model.name!r} has no EOS token: answers could never end.")
     return base, tokenizer
+
+
+def _saved_quantization(cfg: Config, model: ResolvedModel, quant_storage: torch.dtype) -> str | None:
+    """'bnb-4bit' for a base saved in bitsandbytes 4-bit (loaded as it is), None for a full-precision one;
+    an error for what the torch backend cannot train on."""
+    from transformers import PretrainedConfig
+
+    try:
+        config, _ = PretrainedConfig.get_config_dict(model.path)
+    except OSError as e:
+        if model.source == "hub":
+            raise hub_load_error(model.name, e) from None
+        raise AfinarError(f"Could not read the config of model.base={model.name!r} ({model.path}): {e}") from None
+    saved = saved_quantization(config)
+    where = f"model.base={model.name!r} is stored"
+    if saved is None:
+        return None
+    if saved == "mlx":
+        raise AfinarError(f"{where} in MLX's 4-bit format (an mlx-community model), which PyTorch cannot load. "
+                          "Use --set backend=mlx (Apple Silicon, or MLX's CPU build), or the original Hugging Face model.")
+    if saved != "bnb-4bit":
+        raise AfinarError(f"{where} quantized with '{saved}', which afinar cannot train on. Use the full-precision "
+                          "model (afinar quantizes it to NF4 at load) or a bitsandbytes 4-bit one.")
+    if cfg.model.quantization == "none":
+        raise AfinarError(f"{where} in 4-bit (bitsandbytes), so training on it is QLoRA: set "
+                          "--set model.quantization=nf4, or use the full-precision model for plain LoRA.")
+    stored = str((config.get("quantization_config") or {}).get("bnb_4bit_quant_storage", "uint8"))
+    if stored != str(quant_storage).removeprefix("torch."):
+        raise AfinarError(f"{where} in 4-bit packed as {stored}; FSDP shards floating-point tensors only "
+                          f"({quant_storage}). Use the full-precision model with distributed.strategy=fsdp, or ddp.")
+    return saved
 
 
 def new_lora(base, cfg: Config):
@@ -91,12 +130,16 @@ def new_lora(base, cfg: Config):
         log.warning(notice)
     torch.manual_seed(cfg.train.seed)
     try:
-        return get_peft_model(base, LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                                               target_modules=chosen.peft_target_modules, task_type="CAUSAL_LM"))
+        model = get_peft_model(base, LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                                target_modules=chosen.peft_target_modules, task_type="CAUSAL_LM"))
     except ValueError as e:
         names = sorted({n.split(".")[-1] for n, m in base.named_modules() if isinstance(m, torch.nn.Linear)})
         raise AfinarError(f"lora.target_modules={lora.target_modules}: {str(e).splitlines()[0]} "
                           f"Linear layers in this model: {names}.") from None
+    # PEFT takes the base's name from the folder it was loaded from (for the embedded or a GGUF model,
+    # afinar's cache); adapter_config.json names it as the user did, as the MLX backend's does.
+    model.peft_config["default"].base_model_name_or_path = cfg.model.base
+    return model
 
 
 def loss_sum(model, batch: list[data.Encoded], pad: int, device: torch.device,
@@ -163,7 +206,12 @@ def describe(cfg: Config, device: torch.device, dtype: torch.dtype, model=None) 
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__},
     }
     if cfg.model.quantization != "none":
-        info["quantization"] = "bitsandbytes NF4" + (", double quant" if cfg.model.double_quant else "") + (
+        # What was loaded: the config's settings, or those a bnb-4bit folder was saved with.
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        loaded = getattr(getattr(base, "config", None), "quantization_config", None)
+        kind = str(getattr(loaded, "bnb_4bit_quant_type", "nf4")).upper()
+        double = getattr(loaded, "bnb_4bit_use_double_quant", cfg.model.double_quant)
+        info["quantization"] = f"bitsandbytes {kind}" + (", double quant" if double else "") + (
             " (model.quantization=int4 maps to NF4 on torch)" if cfg.model.quantization == "int4" else "")
         import bitsandbytes
 
@@ -174,5 +222,7 @@ def describe(cfg: Config, device: torch.device, dtype: torch.dtype, model=None) 
 
 
 def save_peft(model, folder: str | Path) -> None:
-    model.save_pretrained(str(folder))
+    # afinar never resizes the embeddings: no full embedding copy, and no look-up of the base's config by
+    # its name (PEFT's "auto" asks the hub, which the embedded model's name is not on).
+    model.save_pretrained(str(folder), save_embedding_layers=False)
     (Path(folder) / "README.md").unlink(missing_ok=True)  # PEFT's empty model card; we write our own guide
