@@ -1,4 +1,7 @@
-"""Dynamic batching for `afinar serve`: requests that arrive together are generated together.
+"""The earlier whole-batch batcher (`serve.engine=static|transformers`), kept to compare with the engine.
+
+The default is the continuous-batching engine (afinar/engine/); this one is selectable so that
+benchmarks/serve_load.py can measure both behind the same HTTP layer.
 
 One worker thread owns the backend. It takes the oldest waiting request, waits up to
 `batch_window_ms` for more that can share its sampling settings (up to `max_batch_size`),
@@ -20,18 +23,11 @@ from collections import Counter, deque
 from typing import Callable
 
 from afinar.config import ServeConfig
+from afinar.engine.scheduler import Draining, QueueFull
 
 log = logging.getLogger("afinar.serve")
 
 _END = None  # the event that closes a job's stream
-
-
-class QueueFull(Exception):
-    """The waiting queue is full; `retry_after` is a guess, in seconds, of when a slot frees."""
-
-    def __init__(self, retry_after: int):
-        super().__init__(f"queue full, retry after {retry_after} s")
-        self.retry_after = retry_after
 
 
 class Job:
@@ -52,6 +48,7 @@ class Job:
         self.cancelled = False  # the client left or timed out: free the row
         self.finish_reason: str | None = None
         self.error: str | None = None
+        self.error_status = 500
         self.batch_size = 0
         self.seconds = 0.0  # wall time of the generate call that answered it
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -71,7 +68,10 @@ class Job:
             remaining = deadline - self._loop.time()
             if remaining <= 0:
                 raise TimeoutError
-            item = await asyncio.wait_for(self._events.get(), remaining)
+            try:
+                item = await asyncio.wait_for(self._events.get(), remaining)
+            except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
+                raise TimeoutError from None
             if item is _END:
                 return
             yield item
@@ -107,9 +107,11 @@ class Job:
             safe = min(safe, len(full) - 1)
         self._advance(full[:max(safe, 0)])
 
-    def _finish(self, decode: Callable[[list[int]], str] | None, error: str | None = None) -> None:
+    def _finish(self, decode: Callable[[list[int]], str] | None, error: str | None = None, status: int = 500) -> None:
+        if self.finish_reason is not None:
+            return
         if error is not None:
-            self.error, self.finish_reason = error, "error"
+            self.error, self.finish_reason, self.error_status = error, "error", status
         elif self.cancelled:
             self.finish_reason = "cancelled"
         else:
@@ -122,8 +124,11 @@ class Job:
 class Batcher:
     """The queue and worker thread between HTTP handlers and `generate`."""
 
-    def __init__(self, generate: Callable, decode: Callable[[list[int]], str], cfg: ServeConfig):
+    def __init__(self, generate: Callable, decode: Callable[[list[int]], str], cfg: ServeConfig,
+                 context: int | None = None):
         self.generate, self.decode, self.cfg = generate, decode, cfg
+        self.max_len = context  # prompt + answer tokens a request may hold (None: the model does not say)
+        self._draining = False
         self._pending: deque[Job] = deque()
         self._cv = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -133,9 +138,25 @@ class Batcher:
         self.batch_sizes: Counter[int] = Counter()
         self.counts: Counter[str] = Counter()  # requests, tokens, rejected, cancelled, errors
 
-    def start(self) -> None:
+    def start(self) -> "Batcher":
         self._thread = threading.Thread(target=self._work, name="afinar-batcher", daemon=True)
         self._thread.start()
+        return self
+
+    def drain(self, seconds: float, message: str = "The server is shutting down; retry on another instance.") -> int:
+        """Take no new job; wait up to `seconds` for those in flight, then end the rest with `message`."""
+        deadline = time.monotonic() + seconds
+        with self._cv:
+            self._draining = True
+        while (self._pending or self._running) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with self._cv:
+            left = [*self._pending, *self._running]
+            self._pending.clear()
+        for job in left:
+            job.cancel()  # the running batch drops its rows at the next token
+            job._finish(None, message, 503)
+        return len(left)
 
     def stop(self) -> None:
         with self._cv:
@@ -149,6 +170,8 @@ class Batcher:
     def submit(self, job: Job) -> Job:
         """Queue a job (call from the event loop); raises QueueFull when `queue_size` jobs wait."""
         with self._cv:
+            if self._draining:
+                raise Draining()
             if len(self._pending) >= self.cfg.queue_size:
                 self.counts["rejected"] += 1
                 batches_ahead = len(self._pending) / self.cfg.max_batch_size
@@ -165,6 +188,7 @@ class Batcher:
             queued = len(self._pending)
         batches = sum(self.batch_sizes.values())
         return {
+            "engine": "static",
             "requests": self.counts["requests"],
             "batches": batches,
             "batch_size_max": max(self.batch_sizes, default=0),

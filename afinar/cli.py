@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -146,14 +147,14 @@ def train(
 def ask(
     run: Annotated[Path, typer.Argument(help="A run folder written by `afinar train`.")],
     question: Annotated[Optional[str], typer.Argument(help="The question (omit with --stdin).")] = None,
-    stdin: Annotated[bool, typer.Option("--stdin", help="Read JSONL questions ({\"question\": ...} or a JSON string) from stdin; one JSON line out each.")] = False,
+    stdin: Annotated[bool, typer.Option("--stdin", help="Read JSON lines ({\"question\": ..., \"id\": ...} or a JSON string) from stdin; exactly one JSON line out each, in order.")] = False,
     max_tokens: Annotated[int, typer.Option(min=1, help="Most new tokens per answer.")] = 128,
-    temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy (default, reproducible).")] = 0.0,
+    temperature: Annotated[float, typer.Option(min=0.0, max=2.0, help="0 = greedy (default, reproducible).")] = 0.0,
     top_p: Annotated[float, typer.Option(min=0.0, max=1.0)] = 1.0,
     seed: int = 0,
     no_verify: NoVerifyOpt = False,
 ):
-    """Answer a question with a trained run; prints one JSON object."""
+    """Answer a question with a trained run; prints one JSON object (with --stdin: one JSON line per input line)."""
     if stdin == (question is not None):
         raise AfinarError("Give a question, or --stdin, but not both.")
     from afinar.inference import Predictor
@@ -164,21 +165,9 @@ def ask(
     if not stdin:
         print(json.dumps(predictor.ask(question, **opts), ensure_ascii=False))
         return
-    failed = False
-    for lineno, line in enumerate(sys.stdin, 1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-            q = item.get("question") if isinstance(item, dict) else item
-            if not isinstance(q, str) or not q.strip():
-                raise ValueError('expected {"question": "..."} or a JSON string')
-        except ValueError as e:
-            failed = True
-            print(json.dumps({"error": {"message": f"stdin:{lineno}: {e}", "type": "user_error"}}), file=sys.stderr)
-            continue
-        print(json.dumps(predictor.ask(q, **opts), ensure_ascii=False), flush=True)
-    if failed:
+    from afinar.ask_lines import answer_lines
+
+    if answer_lines(predictor, opts, sys.stdin, sys.stdout):
         raise typer.Exit(2)
 
 
@@ -282,6 +271,11 @@ def serve(
             raise AfinarError(f"--set {assignment!r}: afinar serve takes serve.* settings only (see `afinar config --reference`); "
                               "the model and adapter come from the run folder.")
     serve_cfg = build_config(cfg.model_dump(mode="json"), set_ or [], source=f"{run}/training_config.json + --set").serve
+    given = api_key if api_key is not None else os.environ.get("AFINAR_API_KEY")  # click reads '' as unset
+    if given is not None and not given.strip():
+        raise AfinarError("The API key is empty (AFINAR_API_KEY='' or --api-key ''): that would serve without "
+                          "authentication. Set a real key (e.g. export AFINAR_API_KEY=$(openssl rand -hex 16)), "
+                          "or unset AFINAR_API_KEY to serve without one on 127.0.0.1.")
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         err_console.print(f"[yellow]warning:[/] listening on {escape(host)} without an API key: anyone who reaches this port can use it.")
     quiet_libraries()

@@ -130,17 +130,37 @@ class DataConfig(_Section):
 
 
 class ServeConfig(_Section):
-    max_batch_size: int = Field(16, ge=1, description="Most requests generated together in one batch by `afinar serve`.")
-    batch_window_ms: float = Field(
-        10.0, ge=0, description="How long a batch waits for more requests after its first one arrives."
+    engine: Literal["continuous", "static", "transformers"] = Field(
+        "continuous", description="How `afinar serve` batches requests. 'continuous' (also behind `ask` and `eval`): requests join "
+        "and leave the running batch at every decode step (afinar/engine/). 'static' (torch only): the earlier "
+        "batcher, whole batches through one generate call; 'transformers' (torch only): the same batcher through "
+        "plain transformers generate. The last two are kept for comparison (benchmarks/serve_load.py)."
     )
-    queue_size: int = Field(256, ge=1, description="Requests waiting for a batch; beyond this, 429 with Retry-After.")
+    max_batch_size: int = Field(16, ge=1, description="Most requests answered at once: the engine's rows, one KV slot each.")
+    prefill_chunk: int = Field(
+        512, ge=16, description="Prompt tokens prefilled per engine step, between decode steps: a long prompt "
+        "cannot stall the answers already running."
+    )
+    max_context: int = Field(
+        4096, ge=64, description="Tokens one request may hold, prompt + answer (the length of a KV slot); "
+        "capped by the model's context. Longer prompts get 400 'context_length_exceeded'."
+    )
+    batch_window_ms: float = Field(
+        10.0, ge=0, description="serve.engine=static only: how long a batch waits for more requests after its first one."
+    )
+    queue_size: int = Field(256, ge=1, description="Requests waiting for a free row; beyond this, 429 with Retry-After.")
     request_timeout_s: float = Field(120.0, gt=0, description="A request not finished after this long ends (503 'timeout').")
     max_tokens: int = Field(512, ge=1, description="Cap on a request's max_tokens (also the default when it gives none).")
     max_body_kb: int = Field(256, ge=1, description="Largest request body accepted, in KiB (413 beyond).")
     fast_paths: FastPaths = Field(
-        "auto", description="'auto': the static-cache CUDA-graph decoder for supported models on CUDA; 'off': the "
-        "model's own forward (transformers generate) everywhere."
+        "auto", description="'auto': the engine's static-KV-slot runner (CUDA graphs on CUDA) for merged Llama/Mistral/Qwen2 "
+        "models; 'off': the model's own forward with a cache per row, everywhere."
+    )
+    body_timeout_s: float = Field(30.0, gt=0, description="A client that takes longer than this to send its body gets 408.")
+    keep_alive_s: float = Field(5.0, gt=0, description="An idle keep-alive connection is closed after this many seconds.")
+    drain_seconds: float = Field(
+        30.0, ge=0, description="On SIGTERM/SIGINT: new requests get 503; requests in flight have this long to "
+        "finish, then end with a clean error; then the server exits 0."
     )
 
 

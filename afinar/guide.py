@@ -32,9 +32,11 @@ Base model `{cfg.model.base}`, {cfg.method.upper()} (quantization `{cfg.model.qu
 ```bash
 afinar ask {output} "{q}"
 # -> {{"answer": "...", "model": "...", "adapter": "...", "prompt_tokens": 0, "completion_tokens": 0, "latency_ms": 0, "tokens_per_s": 0}}
-echo '{{"question": "{q}"}}' | afinar ask {output} --stdin   # one JSON line per input line
+echo '{{"id": 1, "question": "{q}"}}' | afinar ask {output} --stdin   # exactly one JSON line per input line, in order
 ```
-Errors are one JSON object on stderr, with a non-zero exit code.
+A plain `ask` prints an error as one JSON object on stderr, with a non-zero exit code; with `--stdin`, a bad
+line gets its own JSON line on stdout (`{{"id": ..., "error": {{...}}}}`) and the others are answered, so a
+process that writes one line and reads one line never waits forever.
 
 {serving_guide(output, name, q)}
 ## Python
@@ -78,7 +80,8 @@ curl -s localhost:8000/v1/ask -H "Authorization: Bearer $AFINAR_API_KEY" -H 'Con
 ```
 OpenAI's chat completions API: `stream: true` sends server-sent events ending in `data: [DONE]`;
 concurrent requests are generated together in batches. Errors are `{{"error": {{"message", "type", "code"}}}}`
-with 400/401/413/422, 429 (+ `Retry-After`) when the queue is full, 503 while loading or on timeout.
+with 400 (a bad field: `param` names it), 401, 408, 413, 429 (+ `Retry-After`) when the queue is full, and 503 while
+loading, draining (SIGTERM) or on timeout.
 The spec is at `/openapi.json`.
 
 ### Python (`pip install openai`)

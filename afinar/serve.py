@@ -2,9 +2,15 @@
 
 Routes: POST /v1/chat/completions (plain or server-sent events), POST /v1/ask (the object
 `afinar ask` prints), GET /v1/models, GET /health, GET /metrics, and /openapi.json.
-Generation goes through `Predictor` and the backend interface only (torch or MLX), batched
-by `afinar.batching`. Every error, bad input included, is one JSON shape:
-{"error": {"message", "type", "code"}}; 500 is kept for real bugs.
+Generation goes through the continuous-batching engine (afinar/engine/), or with
+`serve.engine=static|transformers` through the earlier whole-batch batcher (afinar/batching.py).
+Every error, bad input included, is one JSON shape: {"error": {"message", "type", "param",
+"code"}}; 500 is kept for real bugs and failed generations. The routes are in serve_routes.py.
+
+On SIGTERM/SIGINT the server drains (`Server.handle_exit`): new requests get 503 with
+Retry-After and /health says 'draining'; requests in flight get serve.drain_seconds to finish,
+then end with a clean error (a 503 body, or an SSE error event and `data: [DONE]`); then it
+exits 0. A second signal stops it at once.
 """
 
 from __future__ import annotations
@@ -13,68 +19,64 @@ import asyncio
 import contextlib
 import hashlib
 import hmac
-import json
 import logging
 import sys
 import threading
 import time
-import uuid
 from pathlib import Path
 
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from afinar import __version__, hardware
-from afinar.batching import Batcher, Job, QueueFull
+from afinar import __version__
 from afinar.config import ServeConfig
 from afinar.errors import AfinarError
-from afinar.schemas import AskRequest, ChatRequest
+from afinar.schemas import describe_errors
 
 log = logging.getLogger("afinar.serve")
 PROTECTED = ("/v1/", "/metrics")  # /health and the OpenAPI spec stay open for probes and tooling
 
 
 class ApiError(HTTPException):
-    def __init__(self, status: int, message: str, type_: str, code: str, headers: dict | None = None):
+    def __init__(self, status: int, message: str, type_: str, code: str, headers: dict | None = None,
+                 param: str | None = None):
         super().__init__(status, message, headers)
-        self.type, self.code = type_, code
+        self.type, self.code, self.param = type_, code, param
 
 
 HTTP_ERRORS = {  # status -> (type, code) for errors raised by the framework itself
     400: ("invalid_request_error", "bad_request"),
     404: ("not_found_error", "not_found"),
     405: ("invalid_request_error", "method_not_allowed"),
+    408: ("invalid_request_error", "body_timeout"),
     413: ("invalid_request_error", "body_too_large"),
 }
 
 
-def error_response(status: int, message: str, type_: str, code: str, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": type_, "code": code}}, status, headers=headers)
-
-
-def _field_errors(errors: list[dict]) -> str:
-    parts = []
-    for e in errors[:5]:
-        where = ".".join(str(p) for p in e.get("loc", ()) if p != "body") or "body"
-        got = f" (got {json.dumps(e['input'], default=str)[:80]})" if "input" in e and e.get("type") != "missing" else ""
-        parts.append(f"{where}: {e.get('msg', 'invalid')}{got}")
-    return "; ".join(parts)
+def error_response(status: int, message: str, type_: str, code: str, headers: dict | None = None,
+                   param: str | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": code}}, status,
+                        headers=headers)
 
 
 class Guard:
-    """ASGI middleware: API key (before the body is read), then the body size limit."""
+    """ASGI middleware: draining, API key (before the body is read), body size limit, slow-body timeout."""
 
-    def __init__(self, app, api_key: str | None, max_body: int):
-        self.app, self.max_body = app, max_body
+    def __init__(self, app, state: "State", api_key: str | None, max_body: int, body_timeout: float):
+        self.app, self.state, self.max_body, self.body_timeout = app, state, max_body, body_timeout
         self.key_digest = hashlib.sha256(f"Bearer {api_key}".encode()).digest() if api_key else None
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
+        if self.state.status == "draining" and scope["path"].startswith("/v1/"):
+            reply = error_response(503, "The server is shutting down; retry on another instance.",
+                                   "server_unavailable", "draining", {"Retry-After": "5"})
+            return await reply(scope, receive, send)
         if self.key_digest and scope["method"] != "OPTIONS" and scope["path"].startswith(PROTECTED):
             given = hashlib.sha256(headers.get(b"authorization", b"")).digest()
             if not hmac.compare_digest(given, self.key_digest):  # constant time: no key prefix leaks
@@ -87,11 +89,18 @@ class Guard:
             reply = error_response(status, f"Request body of {what}: the limit is {self.max_body} bytes.",
                                    "invalid_request_error", "body_too_large" if status == 413 else "bad_request")
             return await reply(scope, receive, send)
-        seen = 0
+        seen, complete = 0, False
 
         async def limited_receive():  # chunked bodies carry no Content-Length: count as they arrive
-            nonlocal seen
-            message = await receive()
+            nonlocal seen, complete
+            if complete:  # after the body: only http.disconnect comes, whenever the client leaves
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.body_timeout)
+            except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
+                raise HTTPException(408, f"The request body did not arrive within serve.body_timeout_s="
+                                         f"{self.body_timeout} s.") from None
+            complete = not message.get("more_body", False)
             seen += len(message.get("body", b""))
             if seen > self.max_body:
                 raise HTTPException(413, f"Request body over the limit of {self.max_body} bytes.")
@@ -100,30 +109,62 @@ class Guard:
         await self.app(scope, limited_receive, send)
 
 
+def say(message: str) -> None:
+    """Start-up progress on stderr (the CLI's log)."""
+    print(f"afinar serve: {message}", file=sys.stderr, flush=True)
+
+
 class State:
-    """What the routes share: the predictor once loaded, its batcher, and the loading status."""
+    """What the routes share: the predictor and engine once loaded, and the loading / draining status."""
 
     def __init__(self, cfg: ServeConfig):
         self.cfg = cfg
         self.status, self.error = "loading", None
+        self.stage, self.stage_started, self.stages = "starting", time.monotonic(), {}
         self.predictor = None
-        self.batcher: Batcher | None = None
+        self.engine = None  # engine.Engine, or batching.Batcher for serve.engine=static|transformers
+        self.open = 0  # answers being sent (drain waits for them)
         self.started = time.time()
         self.on_failure = lambda: None  # `run` stops the CLI's server: a model that cannot load serves nothing
 
+    @contextlib.contextmanager
+    def step(self, name: str):
+        """A loading stage: shown by /health while it runs, logged with its time to stderr."""
+        self.stage, self.stage_started = name, time.monotonic()
+        say(f"{name} ...")
+        yield
+        self.stages[name] = round(time.monotonic() - self.stage_started, 2)
+        say(f"{name}: {self.stages[name]:.1f} s")
+
     def attach(self, predictor) -> None:
-        decode = lambda ids: predictor.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
-        predictor.context_length  # read the model's config now, not in the first request
-        self.batcher = Batcher(predictor.backend.generate, decode, self.cfg)
-        self.batcher.start()
-        self.predictor, self.status = predictor, "ready"
+        backend = predictor.backend
+        if self.cfg.engine == "continuous":
+            from afinar.engine import build
+
+            engine = build(backend.model, backend.tokenizer, self.cfg, backend.name)
+            engine.model, backend._engine = backend.model, engine  # `Predictor.ask` in this process shares it
+            with self.step(f"warm-up ({type(engine.runner).__name__}, {engine.max_rows} rows x {engine.max_len} tokens)"):
+                engine.runner.warm_up(say)
+        else:
+            from afinar.batching import Batcher
+
+            if backend.name != "torch":
+                raise AfinarError(f"serve.engine={self.cfg.engine} needs the torch backend; this run uses "
+                                  f"{backend.name}. Use serve.engine=continuous.")
+            generate = lambda *a, **k: backend.generate_static(*a, plain=self.cfg.engine == "transformers", **k)  # noqa: E731
+            decode = lambda ids: predictor.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+            engine = Batcher(generate, decode, self.cfg, predictor.context_length)
+        self.engine = engine.start()
+        self.predictor, self.status, self.stage = predictor, "ready", None
+        say(f"ready in {time.time() - self.started:.1f} s")
 
     def load(self, run: Path, verify: bool = True) -> None:
         from afinar.inference import Predictor
 
         try:
-            self.attach(Predictor(run, serve=self.cfg, verify=verify))
-            log.warning("afinar serve: %s loaded", run)
+            with self.step("loading model + adapter (merged where faster)"):
+                predictor = Predictor(run, serve=self.cfg, verify=verify)
+            self.attach(predictor)
         except Exception as e:  # noqa: BLE001 - reported by /health and every request, not a silent dead thread
             if not isinstance(e, AfinarError):
                 log.exception("loading %s failed", run)
@@ -135,6 +176,18 @@ class State:
             message = f"Model {self.status}" + (f": {self.error}" if self.error else "; retry shortly.")
             raise ApiError(503, message, "server_unavailable", self.status, {"Retry-After": "5"})
         return self.predictor
+
+    def drain(self) -> None:
+        """Refuse new requests; give those in flight serve.drain_seconds, then end them cleanly."""
+        if self.status == "ready":
+            self.status = "draining"
+        if self.engine is not None:
+            left = self.engine.drain(self.cfg.drain_seconds)
+            if left:
+                say(f"drain: {left} request(s) not finished within serve.drain_seconds={self.cfg.drain_seconds}; ended")
+        deadline = time.monotonic() + 5
+        while self.open and time.monotonic() < deadline:  # the last answers' bytes
+            time.sleep(0.02)
 
 
 def create_app(run: str | Path | None = None, predictor=None, cfg: ServeConfig | None = None,
@@ -149,24 +202,27 @@ def create_app(run: str | Path | None = None, predictor=None, cfg: ServeConfig |
     @contextlib.asynccontextmanager
     async def lifespan(app):
         if predictor is not None:
-            state.attach(predictor)
+            await asyncio.to_thread(state.attach, predictor)
         else:
             threading.Thread(target=state.load, args=(Path(run), verify), name="afinar-load", daemon=True).start()
         yield
-        if state.batcher is not None:
-            state.batcher.stop()
+        if state.engine is not None:
+            state.engine.stop()
 
     app = FastAPI(title="afinar", version=__version__, lifespan=lifespan,
                   description="An afinar run served with OpenAI's chat completions API.")
     app.state.afinar = state
-    app.add_middleware(Guard, api_key=api_key, max_body=cfg.max_body_kb * 1024)
+    app.add_middleware(Guard, state=state, api_key=api_key, max_body=cfg.max_body_kb * 1024,
+                       body_timeout=cfg.body_timeout_s)
     if cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
 
         app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"])
     _add_error_handlers(app)
-    _add_routes(app, state)
+    from afinar.serve_routes import add_routes
+
+    add_routes(app, state)
     return app
 
 
@@ -181,12 +237,13 @@ def _add_error_handlers(app: FastAPI) -> None:
             ctx = errors[0].get("ctx", {})
             return error_response(400, f"Malformed JSON body: {ctx.get('error', 'not valid JSON')}.",
                                   "invalid_request_error", "invalid_json")
-        return error_response(422, _field_errors(errors), "invalid_request_error", "invalid_field")
+        message, param = describe_errors(errors)
+        return error_response(400, message, "invalid_request_error", "invalid_field", param=param)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException):
         if isinstance(exc, ApiError):
-            return error_response(exc.status_code, exc.detail, exc.type, exc.code, exc.headers)
+            return error_response(exc.status_code, exc.detail, exc.type, exc.code, exc.headers, exc.param)
         type_, code = HTTP_ERRORS.get(exc.status_code, ("invalid_request_error", str(exc.status_code)))
         return error_response(exc.status_code, str(exc.detail), type_, code, exc.headers)
 
@@ -196,130 +253,11 @@ def _add_error_handlers(app: FastAPI) -> None:
         return error_response(500, f"Internal error: {type(exc).__name__}.", "server_error", "internal_error")
 
 
-def _add_routes(app: FastAPI, state: State) -> None:
-    def submit(job: Job) -> Job:
-        try:
-            return state.batcher.submit(job)
-        except QueueFull as e:
-            raise ApiError(429, f"All {state.cfg.queue_size} queue slots are taken; retry in {e.retry_after} s.",
-                           "rate_limit_error", "queue_full", {"Retry-After": str(e.retry_after)}) from None
-
-    async def finish(job: Job, request: Request, deadline: float) -> Job:
-        """Wait for a job; a client that leaves frees its row, one that waits too long gets a 503."""
-        async def watch():
-            while (await request.receive())["type"] != "http.disconnect":
-                pass
-            job.cancel()
-
-        watcher = asyncio.create_task(watch())
-        try:
-            async for _ in job.deltas(deadline):
-                pass
-        except TimeoutError:
-            job.cancel()
-            raise ApiError(503, f"Not answered within serve.request_timeout_s={state.cfg.request_timeout_s} s.",
-                           "server_unavailable", "timeout", {"Retry-After": "5"}) from None
-        finally:
-            watcher.cancel()
-        if job.error:
-            raise ApiError(500, job.error, "server_error", "generation_failed")
-        return job
-
-    def budget(p, prompt: list[int], requested: int | None) -> int:
-        """max_tokens capped by serve.max_tokens and by what the model's context leaves after the prompt."""
-        tokens = min(requested or state.cfg.max_tokens, state.cfg.max_tokens)
-        context = p.context_length
-        if context is not None:
-            if len(prompt) >= context:
-                raise ApiError(422, f"The prompt has {len(prompt)} tokens; the model reads at most {context}. "
-                               "Send a shorter conversation.", "invalid_request_error", "context_length_exceeded")
-            tokens = min(tokens, context - len(prompt))
-        return tokens
-
-    @app.get("/health")
-    async def health():
-        body = {"status": state.status, "model": state.predictor.name if state.predictor else None}
-        if state.error:
-            body["error"] = state.error
-        return JSONResponse(body, 200 if state.status == "ready" else 503)
-
-    @app.get("/metrics")
-    async def metrics():
-        rss, peak = hardware.process_memory_mb()
-        batching = state.batcher.metrics() if state.batcher else {}
-        return {"status": state.status, "uptime_s": round(time.time() - state.started, 1),
-                "rss_mb": round(rss, 1), "peak_rss_mb": round(peak, 1), **batching}
-
-    @app.get("/v1/models")
-    async def models():
-        p = state.ready()
-        return {"object": "list", "data": [{"id": p.name, "object": "model", "created": int(state.started),
-                                            "owned_by": "afinar", "base_model": p.cfg.model.base}]}
-
-    @app.post("/v1/ask")
-    async def ask(body: AskRequest, request: Request):
-        """The JSON object `afinar ask RUN QUESTION` prints."""
-        p = state.ready()
-        prompt = p.prompt(body.question)
-        job = submit(Job(prompt, budget(p, prompt, body.max_tokens), body.temperature, body.top_p, body.seed or 0))
-        await finish(job, request, asyncio.get_running_loop().time() + state.cfg.request_timeout_s)
-        return p.answer(prompt, job.tokens, job.seconds)
-
-    @app.post("/v1/chat/completions")
-    async def chat(body: ChatRequest, request: Request):
-        """OpenAI chat completions: messages in, one choice out; `stream: true` sends server-sent events."""
-        p = state.ready()
-        try:
-            prompt = p.prompt([m.plain() for m in body.messages])
-        except AfinarError as e:  # the chat template refuses this conversation (roles, order)
-            raise ApiError(422, f"messages: {e}", "invalid_request_error", "invalid_field") from None
-        max_tokens = budget(p, prompt, body.max_completion_tokens or body.max_tokens)
-        job = submit(Job(prompt, max_tokens, body.temperature, body.top_p, body.seed or 0, tuple(body.stop or ())))
-        deadline = asyncio.get_running_loop().time() + state.cfg.request_timeout_s
-        head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": p.name}
-        usage = lambda: {"prompt_tokens": len(prompt), "completion_tokens": len(job.tokens),  # noqa: E731
-                         "total_tokens": len(prompt) + len(job.tokens)}
-        if body.stream:
-            with_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(_events(job, head, deadline, usage, with_usage, state.cfg),
-                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        await finish(job, request, deadline)
-        return {**head, "object": "chat.completion", "usage": usage(), "choices": [{
-            "index": 0, "message": {"role": "assistant", "content": job.text}, "finish_reason": job.finish_reason}]}
-
-
-async def _events(job: Job, head: dict, deadline: float, usage, with_usage: bool, cfg: ServeConfig):
-    """Server-sent events of one streamed answer, ending in `data: [DONE]`."""
-    def chunk(delta: dict, finish_reason=None, **extra) -> str:
-        body = {**head, "object": "chat.completion.chunk",
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}], **extra}
-        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
-
-    def error(message: str, type_: str, code: str) -> str:
-        return f"data: {json.dumps({'error': {'message': message, 'type': type_, 'code': code}})}\n\n"
-
-    try:  # closing this generator (client gone) lands in `finally`: the row stops at its next token
-        yield chunk({"role": "assistant", "content": ""})
-        async for delta in job.deltas(deadline):
-            yield chunk({"content": delta})
-        if job.error:
-            yield error(job.error, "server_error", "generation_failed")
-        else:
-            yield chunk({}, job.finish_reason)
-            if with_usage:
-                yield f"data: {json.dumps({**head, 'object': 'chat.completion.chunk', 'choices': [], 'usage': usage()})}\n\n"
-    except TimeoutError:
-        yield error(f"Not finished within serve.request_timeout_s={cfg.request_timeout_s} s.", "server_unavailable", "timeout")
-    finally:
-        job.cancel()
-    yield "data: [DONE]\n\n"
-
-
 # ---------------------------------------------------------------- running it
 
 
 class Server(uvicorn.Server):
-    """uvicorn's server, which says where it listens once bound (port 0 picks a free port)."""
+    """uvicorn's server, which says where it listens once bound (port 0 picks a free port) and drains on a signal."""
 
     announce = False
 
@@ -333,12 +271,30 @@ class Server(uvicorn.Server):
         if self.announce and self.started:
             print(f"afinar serve: listening on {self.url}", file=sys.stderr, flush=True)
 
+    def handle_exit(self, sig, frame) -> None:
+        # Not uvicorn's: it would stop accepting at once and re-raise the signal after shutdown
+        # (exit status 128+n). Here the first signal drains, then the server exits 0.
+        state: State | None = getattr(getattr(self.config.app, "state", None), "afinar", None)
+        if self.should_exit or getattr(self, "_draining", False) or state is None:
+            self.force_exit = self.should_exit = True
+            return
+        self._draining = True
+        say(f"signal {sig}: draining (new requests get 503; up to serve.drain_seconds={state.cfg.drain_seconds} s "
+            "for those in flight)")
+
+        def drain():
+            state.drain()
+            self.should_exit = True
+
+        threading.Thread(target=drain, name="afinar-drain", daemon=True).start()
+
 
 def run(app: FastAPI, host: str, port: int, log_level: str = "info") -> None:
-    """Serve until Ctrl-C, printing the bound URL (the CLI's path)."""
-    server = Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5))
-    server.announce = True
+    """Serve until a signal, printing the bound URL (the CLI's path)."""
     state: State = app.state.afinar
+    server = Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5,
+                                   timeout_keep_alive=state.cfg.keep_alive_s))
+    server.announce = True
     state.on_failure = lambda: setattr(server, "should_exit", True)
     server.run()
     if state.status == "failed":
@@ -350,7 +306,8 @@ def run(app: FastAPI, host: str, port: int, log_level: str = "info") -> None:
 @contextlib.contextmanager
 def serve_in_thread(app: FastAPI, host: str = "127.0.0.1", timeout: float = 60):
     """Run `app` on a free port in a background thread (tests, notebooks); yields the base URL."""
-    server = Server(uvicorn.Config(app, host=host, port=0, log_level="warning"))
+    keep_alive = app.state.afinar.cfg.keep_alive_s
+    server = Server(uvicorn.Config(app, host=host, port=0, log_level="warning", timeout_keep_alive=keep_alive))
     thread = threading.Thread(target=server.run, name="afinar-uvicorn", daemon=True)
     thread.start()
     t0 = time.monotonic()

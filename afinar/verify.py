@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from afinar import adapters, manifest
+from afinar import targets as lora_targets
 from afinar.config import Config, build_config
 from afinar.errors import AfinarError
 
@@ -186,8 +187,14 @@ def _check_pairs(path: Path, shapes: dict, rank: int, adapter_cfg: dict, info: R
 
 
 def _targeted(module: str, targets: list[str]) -> bool:
-    """PEFT's rule for a list of names: the module's path is one of them or ends with '.' + one."""
-    return any(module == t or module.endswith("." + t) for t in targets)
+    """Whether lora.target_modules selects `module`, as targets.py resolves it: PEFT's rule for names (the
+    path is one of them or ends with '.' + one), 'all-linear' (any layer of a decoder block), and a
+    fused layer (qkv_proj) standing for the separate names a preset gives (q_proj, k_proj, v_proj)."""
+    if lora_targets.ALL_LINEAR in targets and lora_targets.in_block(module) is not None:
+        return True
+    leaf = module.rsplit(".", 1)[-1]
+    names = set(targets) | ({leaf} if set(lora_targets.FUSED.get(leaf, ())) & set(targets) else set())
+    return any(module == t or module.endswith("." + t) for t in names)
 
 
 def _check_against_training_config(run: Path, cfg: Config, adapter_cfg: dict, rank: int, modules: list[str]) -> None:

@@ -2,9 +2,9 @@
 
 Plain rows: `model.generate` (greedy, left padding) on the NF4 base with the adapter kept apart
 (what a QLoRA run loads by default elsewhere), and on bf16 weights with the adapter merged.
-afinar rows: `TorchAnswerer.attach` (dequantize + merge on a GPU with
-room) and `TorchAnswerer.generate`, which on CUDA runs the static-cache CUDA-graph decoder
-(afinar/backends/fast_decode.py). Beside them transformers' own fastest plain path on the same
+afinar rows: `TorchAnswerer.attach` (dequantize + merge on a GPU with room) and `TorchAnswerer.generate`,
+which goes through the serving engine: on CUDA its static-KV CUDA-graph runner (afinar/engine/torch_runner.py
+over afinar/backends/fast_decode.py). Beside them transformers' own fastest plain path on the same
 merged weights: static KV cache + `torch.compile(model.forward, mode="reduce-overhead")`, as its
 "Optimizing inference" guide sets it up (CUDA only; `--no-static` skips it). Same random model,
 adapter and prompts everywhere; greedy tokens of afinar's rows are compared with the plain rows.
@@ -236,7 +236,7 @@ def main(argv=None) -> None:
     print("greedy agreement:", checks)
     section = {"shape": args.shape, "new_tokens": n, "prompts": len(many),
                "prompt_tokens": [min(map(len, many)), max(map(len, many))], "adapter_scale": args.adapter_scale,
-               "afinar_load_s": load_s, "afinar_layers": merged_name, "fast_decoder": backend._decoder is not None,
+               "afinar_load_s": load_s, "afinar_layers": merged_name, "engine_runner": type(backend._engine.runner).__name__,
                "rows": rows, "greedy_agreement": checks}
     if args.out:
         R.merge_results(Path(args.out), "generate", section, env)

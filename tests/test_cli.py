@@ -229,11 +229,12 @@ def test_ask_prints_one_json_object(cli_run):
 
 def test_ask_stdin_answers_good_lines_and_reports_bad_ones(cli_run):
     out, _ = cli_run
-    lines = [json.dumps({"question": "Onde joga o Farense?"}), "not json", json.dumps("Qual é a cor do Farense?"), "", json.dumps({"q": 1})]
+    lines = [json.dumps({"question": "Onde joga o Farense?", "id": 1}), "not json", json.dumps("Qual é a cor do Farense?"), "",
+             json.dumps({"q": 1, "id": "x"})]
     result = invoke("ask", out, "--stdin", "--max-tokens", "3", input="\n".join(lines) + "\n")
     assert result.exit_code == 2  # some lines failed
-    replies = [json.loads(line) for line in result.stdout.strip().splitlines()]
-    assert len(replies) == 2 and all("answer" in r for r in replies)
-    errors = [json.loads(line)["error"]["message"] for line in result.stderr.strip().splitlines()]
-    assert len(errors) == 2
-    assert errors[0].startswith("stdin:2:") and errors[1].startswith("stdin:5:")
+    replies = [json.loads(line) for line in result.stdout.strip().splitlines()]  # one line out per line in, in order
+    assert ["answer" in r for r in replies] == [True, False, True, False, False]
+    assert replies[0]["id"] == 1 and replies[4]["id"] == "x"
+    errors = [r["error"]["message"] for r in replies if "error" in r]
+    assert errors[0].startswith("stdin:2:") and errors[1].startswith("stdin:4:") and errors[2].startswith("stdin:5:")

@@ -1,19 +1,21 @@
-"""`afinar serve` over real HTTP on a free port: the openai client, batching, limits and error shapes."""
+"""`afinar serve` over real HTTP on a free port: the openai client, the engine, isolation, limits and error shapes."""
 
 from __future__ import annotations
 
 import concurrent.futures
-import copy
 import json
+import re
+import socket
 import threading
 import time
-from types import SimpleNamespace
 
 import httpx
 import openai
 import pytest
 
+import afinar.engine
 from afinar.config import ServeConfig
+from afinar.engine import RowError
 from afinar.inference import Predictor
 from afinar.serve import create_app, serve_in_thread
 
@@ -26,7 +28,7 @@ CHAT = {"messages": [{"role": "user", "content": "Onde joga o Farense?"}], "max_
 def run(tmp_path_factory):
     from afinar.synthetic import make_tiny_run
 
-    return make_tiny_run(tmp_path_factory.mktemp("serve") / "run")
+    return make_tiny_run(tmp_path_factory.getbasetemp() / "serving" / "run")  # built once per session, shared
 
 
 @pytest.fixture(scope="module")
@@ -36,35 +38,52 @@ def predictor(run):
 
 @pytest.fixture(scope="module")
 def url(predictor):
-    app = create_app(predictor=predictor, cfg=ServeConfig(batch_window_ms=100, max_tokens=32), api_key=KEY)
+    app = create_app(predictor=predictor, cfg=ServeConfig(max_tokens=32), api_key=KEY)
     with serve_in_thread(app) as base:
         yield base
 
 
-def slowed(predictor, seconds_per_token: float, gate: threading.Event | None = None):
-    """A copy of the predictor whose generate waits at `gate`, then sleeps after each token."""
-    inner = predictor.backend.generate
+class Wrapped:
+    """A runner that waits at `gate` before each step, sleeps after each step that made tokens,
+    and fails the rows whose stop strings include `poison` (as a device error in their forward would)."""
 
-    def generate(prompts, n, *args, on_token=None, should_stop=None, **kwargs):
-        if gate is not None:
-            gate.wait(30)
+    def __init__(self, inner, seconds: float = 0.0, gate: threading.Event | None = None, poison=None):
+        self.inner, self.seconds, self.gate, self.poison = inner, seconds, gate, poison
+        self.poisoned = []
 
-        def slow(row, token):
-            on_token(row, token)
-            time.sleep(seconds_per_token)
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
 
-        return inner(prompts, n, *args, on_token=slow, should_stop=should_stop, **kwargs)
+    def add(self, handle, slot, prompt, params):
+        self.inner.add(handle, slot, prompt, params)
+        if self.poison is not None and self.poison in handle.params.stop:
+            self.poisoned.append(handle)
 
-    p = copy.copy(predictor)
-    p.backend = SimpleNamespace(generate=generate)
-    return p
+    def step(self):
+        if self.gate is not None:
+            self.gate.wait(30)
+        produced = self.inner.step()
+        if produced:
+            time.sleep(self.seconds)
+        if self.poisoned:
+            bad, self.poisoned = self.poisoned, []
+            raise RowError(bad, RuntimeError("injected failure"), [(h, t) for h, t in produced if h not in bad])
+        return produced
 
 
-def error_of(response, status: int, code: str) -> str:
+def wrap_runner(monkeypatch, **kwargs) -> None:
+    """Apps created from now on run their engine through `Wrapped(**kwargs)`."""
+    make = afinar.engine.make_torch_runner
+    monkeypatch.setattr(afinar.engine, "make_torch_runner", lambda model, cfg: Wrapped(make(model, cfg), **kwargs))
+
+
+def error_of(response, status: int, code: str, param: str | None = None) -> str:
     assert response.status_code == status, response.text
     body = response.json()
-    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "code"}, body
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body
     assert body["error"]["code"] == code and body["error"]["message"]
+    if param is not None:
+        assert body["error"]["param"] == param, body
     return body["error"]["message"]
 
 
@@ -120,7 +139,7 @@ def test_stop_string_and_max_tokens_cap(url):
     assert capped.status_code == 200 and capped.json()["usage"]["completion_tokens"] <= 32
 
 
-def test_twenty_concurrent_requests_are_batched(url):
+def test_twenty_concurrent_requests_share_the_engine(url):
     before = httpx.get(f"{url}/metrics", headers=AUTH).json()
     with concurrent.futures.ThreadPoolExecutor(20) as pool:
         replies = list(pool.map(lambda i: httpx.post(f"{url}/v1/chat/completions", headers=AUTH, timeout=60, json={
@@ -128,9 +147,12 @@ def test_twenty_concurrent_requests_are_batched(url):
     assert [r.status_code for r in replies] == [200] * 20
     after = httpx.get(f"{url}/metrics", headers=AUTH).json()
     assert after["requests"] - before["requests"] == 20
-    assert after["batches"] - before["batches"] < 20  # fewer generate calls than requests
-    assert after["batch_size_max"] > 1
-    assert after["errors"] == 0 and after["rss_mb"] > 0
+    assert after["steps"] - before["steps"] < 20 * 8  # fewer steps than tokens: rows ran together
+    assert after["rows_per_step_max"] > 1
+    assert after["errors"] == 0 and after["rss_mb"] > 0 and after["running_rows"] == 0
+    for key in ("queue_wait_ms", "ttft_ms", "itl_ms"):
+        assert after[key]["p50"] is not None and after[key]["p95"] >= after[key]["p50"]
+    assert after["kv_slots"] == ServeConfig().max_batch_size and after["kv_tokens_in_use"] == 0
 
 
 def test_bad_requests_get_one_error_shape(url):
@@ -143,13 +165,12 @@ def test_bad_requests_get_one_error_shape(url):
     assert "JSON" in error_of(post(b'{"messages": [', headers=json_type), 400, "invalid_json")
     error_of(post(b"hello"), 400, "invalid_json")
     message = error_of(post(b'{"messages": [{"role": "robot", "content": "x"}], "temperature": 9}', headers=json_type),
-                       422, "invalid_field")
-    assert "messages.0.role" in message and "robot" in message and "temperature" in message
-    error_of(post(b'{"messages": []}', headers=json_type), 422, "invalid_field")
-    error_of(post(b'[1, 2]', headers=json_type), 422, "invalid_field")
+                       400, "invalid_field")
+    assert "messages[0].role" in message and "robot" in message and "temperature" in message
+    error_of(post(b'{"messages": []}', headers=json_type), 400, "invalid_field", "messages")
+    error_of(post(b'[1, 2]', headers=json_type), 400, "invalid_field")
     error_of(post(b'{"messages": [{"role": "assistant", "content": "x"}, {"role": "assistant", "content": "y"}]}',
-                  headers=json_type), 422, "invalid_field")  # the chat template refuses the order
-    error_of(post(b'{"messages": [{"role": "user", "content": "x"}], "n": 3}', headers=json_type), 422, "invalid_field")
+                  headers=json_type), 400, "invalid_field", "messages")  # the chat template refuses the order
     ok = post(b'{"messages": [{"role": "user", "content": "x"}], "max_tokens": 2, "user": "u1", "logprobs": false}',
               headers=json_type)
     assert ok.status_code == 200  # unknown fields are ignored
@@ -162,21 +183,22 @@ def test_bad_requests_get_one_error_shape(url):
     error_of(post(chunked(), headers=json_type), 413, "body_too_large")
     too_long = {"messages": [{"role": "user", "content": "palavra " * 2100}]}  # the tiny model reads 2048 tokens
     assert "2048" in error_of(httpx.post(f"{url}/v1/chat/completions", json=too_long, headers=AUTH),
-                              422, "context_length_exceeded")
+                              400, "context_length_exceeded", "messages")
     error_of(httpx.get(f"{url}/nowhere", headers=AUTH), 404, "not_found")
     error_of(httpx.get(f"{url}/v1/chat/completions", headers=AUTH), 405, "method_not_allowed")
-    error_of(httpx.post(f"{url}/v1/ask", json={"question": "  "}, headers=AUTH), 422, "invalid_field")
+    error_of(httpx.post(f"{url}/v1/ask", json={"question": "  "}, headers=AUTH), 400, "invalid_field", "question")
     assert httpx.get(f"{url}/metrics", headers=AUTH).json()["errors"] == 0
 
 
-def test_full_queue_answers_429_with_retry_after(predictor):
+def test_full_queue_answers_429_with_retry_after(predictor, monkeypatch):
     gate = threading.Event()
-    cfg = ServeConfig(max_batch_size=1, batch_window_ms=0, queue_size=1)
-    app = create_app(predictor=slowed(predictor, 0, gate), cfg=cfg)
+    wrap_runner(monkeypatch, gate=gate)
+    cfg = ServeConfig(max_batch_size=1, queue_size=1)
+    app = create_app(predictor=predictor, cfg=cfg)
     with serve_in_thread(app) as base, concurrent.futures.ThreadPoolExecutor(2) as pool:
         metrics = lambda: httpx.get(f"{base}/metrics").json()  # noqa: E731
         first = pool.submit(httpx.post, f"{base}/v1/ask", json={"question": "a", "max_tokens": 2}, timeout=30)
-        while metrics()["requests"] < 1 or metrics()["queued"]:  # the worker holds it, at the gate
+        while metrics()["requests"] < 1 or metrics()["queued"]:  # the engine holds it, at the gate
             time.sleep(0.01)
         second = pool.submit(httpx.post, f"{base}/v1/ask", json={"question": "b", "max_tokens": 2}, timeout=30)
         while metrics()["queued"] < 1:
@@ -188,9 +210,10 @@ def test_full_queue_answers_429_with_retry_after(predictor):
         assert first.result().status_code == 200 and second.result().status_code == 200
 
 
-def test_disconnected_stream_and_timeout_free_the_row(predictor):
+def test_disconnected_stream_and_timeout_free_the_row(predictor, monkeypatch):
+    wrap_runner(monkeypatch, seconds=0.02)
     cfg = ServeConfig(request_timeout_s=1.0, max_tokens=400)
-    app = create_app(predictor=slowed(predictor, 0.02), cfg=cfg)  # 400 tokens would take 8 s
+    app = create_app(predictor=predictor, cfg=cfg)  # 400 tokens would take 8 s
     with serve_in_thread(app) as base:
         t0 = time.monotonic()
         with httpx.stream("POST", f"{base}/v1/chat/completions", json={**CHAT, "max_tokens": 400, "stream": True}) as r:
@@ -257,3 +280,175 @@ def test_cli_serve_rejects_bad_input_cleanly(tmp_path, run):
     (moved / "training_config.json").write_text(json.dumps(cfg))
     # the run is verified against its base before the server binds: one clean message
     assert_user_error(invoke("serve", moved, "--port", "0"), "no-such-model", "no such folder")
+
+
+# ---------------------------------------------------------------- isolation and limits
+
+
+def chat(base, body, timeout=60, headers=AUTH, **kw):
+    if isinstance(body, bytes):
+        return httpx.post(f"{base}/v1/chat/completions", content=body, timeout=timeout,
+                          headers={**headers, "Content-Type": "application/json"}, **kw)
+    return httpx.post(f"{base}/v1/chat/completions", json=body, timeout=timeout, headers=headers, **kw)
+
+
+def normal_requests(n: int) -> list[dict]:
+    """Greedy and seeded sampled requests of several lengths (the well-behaved part of a burst)."""
+    out = []
+    for i in range(n):
+        body = {"messages": [{"role": "user", "content": f"Pergunta {i}: " + "onde joga o Farense? " * (1 + i % 5)}],
+                "max_tokens": 4 + i % 9}
+        if i % 3:
+            body.update(temperature=[0.6, 1.0, 1.5][i % 3], top_p=[1.0, 0.8][i % 2], seed=100 + i)
+        out.append(body)
+    return out
+
+
+HOSTILE = [  # (body, status, param): each must fail alone, or succeed, and touch no one else
+    ({**CHAT, "seed": 2**70}, 400, "seed"),
+    ({**CHAT, "seed": -(2**63) - 1}, 400, "seed"),
+    ({**CHAT, "temperature": 1e-300}, 200, None),  # below the floor: greedy
+    ({**CHAT, "max_tokens": 10**30}, 200, None),  # capped by serve.max_tokens
+    ({**CHAT, "top_p": 0}, 400, "top_p"),
+    (b'{"messages": [{"role": "user", "content": "x"}], "temperature": Infinity}', 400, "temperature"),
+    (b'{"messages": [{"role": "system", "content": "ok"}, {"role": "user", "content": "ok"}, '
+     b'{"role": "assistant", "content": "a \\ud800 b"}, {"role": "user", "content": "x"}], "max_tokens": 3}',
+     400, "messages[2].content"),
+    (b'{"messages": [{"role": "user", "content": "x"}], "stop": ["\\udfff"]}', 400, "stop"),
+    ({**CHAT, "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+    ({**CHAT, "n": 2}, 400, "n"),
+    ({"messages": [{"role": "user", "content": "palavra " * 2100}]}, 400, "messages"),
+    ({**CHAT, "stop_token_ids": [-1]}, 400, "stop_token_ids"),
+]
+
+
+def test_hostile_requests_in_a_burst_leave_the_others_untouched(url):
+    normal = normal_requests(16)
+    alone = [chat(url, body) for body in normal]
+    assert [r.status_code for r in alone] == [200] * 16
+    bodies = [*normal, *(h for h, _, _ in HOSTILE)]
+    order = list(range(len(bodies)))
+    order = order[::2] + order[1::2]  # hostile ones spread through the burst
+    with concurrent.futures.ThreadPoolExecutor(len(bodies)) as pool:
+        replies = dict(zip(order, pool.map(lambda i: chat(url, bodies[i]), order)))
+    for i, body in enumerate(normal):
+        assert replies[i].status_code == 200, replies[i].text
+        got, want = replies[i].json(), alone[i].json()
+        assert got["choices"] == want["choices"] and got["usage"] == want["usage"], f"request {i}"
+    for j, (body, status, param) in enumerate(HOSTILE):
+        reply = replies[16 + j]
+        if status == 200:
+            assert reply.status_code == 200, reply.text
+        else:
+            error_of(reply, status, "context_length_exceeded" if param == "messages" else "invalid_field", param)
+    greedy = chat(url, CHAT).json()["choices"][0]["message"]["content"]
+    assert replies[16 + 2].json()["choices"][0]["message"]["content"] == greedy
+    assert httpx.get(f"{url}/metrics", headers=AUTH).json()["errors"] == 0
+
+
+def test_unsupported_features_are_refused_by_name(url):
+    refused = {"n": 3, "tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "auto",
+               "functions": [{"name": "f"}], "logprobs": True, "top_logprobs": 2,
+               "response_format": {"type": "json_object"}, "presence_penalty": 0.5, "frequency_penalty": -1,
+               "logit_bias": {"50": 10}}
+    for field, value in refused.items():
+        message = error_of(chat(url, {**CHAT, field: value}), 400, "invalid_field", field)
+        assert "not supported" in message or "one choice" in message or "only" in message, message
+    harmless = {"n": 1, "logprobs": False, "response_format": {"type": "text"}, "presence_penalty": 0, "tools": None,
+                "user": "u-1", "metadata": {"a": "b"}}
+    assert chat(url, {**CHAT, **harmless}).status_code == 200
+
+
+def test_a_failing_row_gets_500_and_the_others_their_answers(predictor, monkeypatch):
+    wrap_runner(monkeypatch, poison="POISON")
+    with serve_in_thread(create_app(predictor=predictor, cfg=ServeConfig(max_tokens=32))) as base:
+        normal = normal_requests(8)
+        alone = [chat(base, body, headers={}).json() for body in normal]
+        poisoned = {**CHAT, "stop": ["POISON"]}
+        bodies = [*normal[:4], poisoned, *normal[4:]]
+        with concurrent.futures.ThreadPoolExecutor(len(bodies)) as pool:
+            replies = list(pool.map(lambda b: chat(base, b, headers={}), bodies))
+        assert "injected failure" in error_of(replies[4], 500, "generation_failed")
+        others = [r.json() for i, r in enumerate(replies) if i != 4]
+        assert [r["choices"] for r in others] == [r["choices"] for r in alone]
+        assert chat(base, CHAT, headers={}).status_code == 200  # and it keeps serving
+        with httpx.stream("POST", f"{base}/v1/chat/completions", json={**poisoned, "stream": True}) as r:
+            lines = [line for line in r.iter_lines() if line]
+        assert lines[-1] == "data: [DONE]" and json.loads(lines[-2][6:])["error"]["code"] == "generation_failed"
+        assert httpx.get(f"{base}/metrics").json()["errors"] == 2
+
+
+def read_response(s: socket.socket) -> str:
+    """One whole HTTP/1.1 response (headers, then a Content-Length body) from a raw socket."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += s.recv(65536)
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(re.search(rb"content-length: (\d+)", head, re.I).group(1))
+    while len(body) < length:
+        body += s.recv(65536)
+    return (head + b"\r\n\r\n" + body).decode()
+
+
+def test_slow_bodies_and_idle_connections_time_out(predictor):
+    cfg = ServeConfig(body_timeout_s=0.5, keep_alive_s=0.5)
+    with serve_in_thread(create_app(predictor=predictor, cfg=cfg)) as base:
+        host, port = base.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as s:  # a body that never finishes
+            s.sendall(b"POST /v1/ask HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: 100\r\n\r\n{\"question\": ")
+            t0 = time.monotonic()
+            reply = read_response(s)
+            assert reply.startswith("HTTP/1.1 408") and "body_timeout_s" in reply
+            assert time.monotonic() - t0 < 5
+        with socket.create_connection((host, int(port)), timeout=10) as s:  # a keep-alive client gone quiet
+            s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert read_response(s).startswith("HTTP/1.1 200")
+            t0 = time.monotonic()
+            assert s.recv(65536) == b""  # closed by the server
+            assert time.monotonic() - t0 < 5
+
+
+def test_health_shows_the_loading_stage_then_ready(run, monkeypatch):
+    import afinar.inference
+
+    gate = threading.Event()
+    real = afinar.inference.Predictor
+
+    def held(path, **kwargs):
+        gate.wait(30)
+        return real(path, **kwargs)
+
+    monkeypatch.setattr(afinar.inference, "Predictor", held)
+    with serve_in_thread(create_app(run=run, cfg=ServeConfig(max_tokens=8))) as base:
+        loading = httpx.get(f"{base}/health")
+        assert loading.status_code == 503 and loading.headers["Retry-After"]
+        assert loading.json()["status"] == "loading" and "model" in loading.json()["stage"]
+        error_of(chat(base, CHAT), 503, "loading")
+        gate.set()
+        deadline = time.monotonic() + 60
+        while (health := httpx.get(f"{base}/health")).status_code != 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        stages = health.json()["stages_s"]
+        assert any(k.startswith("loading model") for k in stages) and any(k.startswith("warm-up") for k in stages)
+        assert chat(base, CHAT).status_code == 200
+
+
+def test_the_static_batcher_stays_selectable(predictor):
+    cfg = ServeConfig(engine="static", max_tokens=8)
+    with serve_in_thread(create_app(predictor=predictor, cfg=cfg)) as base:
+        reply = chat(base, CHAT, headers={})
+        assert reply.status_code == 200 and httpx.get(f"{base}/metrics").json()["engine"] == "static"
+        error_of(chat(base, {**CHAT, "stop_token_ids": [5]}, headers={}), 400, "invalid_field", "stop_token_ids")
+    with serve_in_thread(create_app(predictor=predictor, cfg=ServeConfig(max_tokens=8))) as base:
+        assert chat(base, CHAT, headers={}).json()["choices"] == reply.json()["choices"]  # greedy: the same answer
+
+
+def test_cli_serve_refuses_an_empty_api_key(run, monkeypatch):
+    from test_cli import assert_user_error, invoke
+
+    monkeypatch.setenv("AFINAR_API_KEY", "")
+    assert_user_error(invoke("serve", run, "--port", "0"), "API key is empty")
+    monkeypatch.delenv("AFINAR_API_KEY")
+    assert_user_error(invoke("serve", run, "--port", "0", "--api-key", "  "), "API key is empty")

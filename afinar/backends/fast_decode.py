@@ -7,6 +7,10 @@ so on CUDA it is captured once as a CUDA graph and each token costs one graph re
 layers are the model's own modules (norms, projections, MLP, rotary embedding); only the
 attention over the static cache is written here. On CPU the same code runs without graphs:
 tests/test_fast_paths.py checks its greedy tokens equal `generate` on the unmerged adapter.
+
+`DecoderStack` is the layer-by-layer model; the serving engine's runner (afinar/engine/
+torch_runner.py) drives it over per-row KV slots. `StaticDecoder` is the earlier whole-batch
+decoder, kept for `serve.engine=static`.
 """
 
 from __future__ import annotations
@@ -92,26 +96,17 @@ def _bucket(n: int, steps: tuple[int, ...]) -> int:
     return next((s for s in steps if s >= n), -(-n // steps[-1]) * steps[-1])
 
 
-class _Slot:
-    """A static KV cache for `batch` rows of `length` positions, and its captured decode step."""
+class DecoderStack:
+    """A supported model's decoder run layer by layer, for callers that own the KV cache.
 
-    def __init__(self, decoder: "StaticDecoder", batch: int, length: int):
-        d, dev, dtype = decoder, decoder.device, decoder.dtype
-        shape = (batch, d.n_kv, length, d.head_dim)
-        self.k = [torch.zeros(shape, device=dev, dtype=dtype) for _ in d.layers]
-        self.v = [torch.zeros(shape, device=dev, dtype=dtype) for _ in d.layers]
-        self.token = torch.zeros((batch, 1), device=dev, dtype=torch.long)
-        self.pos = torch.zeros(batch, device=dev, dtype=torch.long)
-        self.rows = torch.arange(batch, device=dev)
-        self.keys = torch.arange(length, device=dev)
-        self.graph = None
-        self.logits = None
+    The model's own modules do the work (embedding, norms, projections, rotary embedding, MLP,
+    LM head); q/k/v and gate/up are fused into one matmul each (`_fuse_linears`). `forward`
+    takes a `write(layer, k, v)` callback that stores the new keys and values wherever the
+    caller keeps them and returns the keys and values to attend to. With `compile_ops`
+    (CUDA) each norm, rotary and activation is one compiled kernel.
+    """
 
-
-class StaticDecoder:
-    """Greedy or sampled decoding of a batch of prompts; `generate` mirrors TorchBackend.generate."""
-
-    def __init__(self, model, use_graphs: bool | None = None, max_slots: int = 4):
+    def __init__(self, model, compile_ops: bool = False):
         self.model = model
         self.inner = model.model
         self.layers = list(self.inner.layers)
@@ -125,9 +120,6 @@ class StaticDecoder:
         self.window = window if uses_window else None
         weight = self.model.lm_head.weight
         self.device, self.dtype = weight.device, weight.dtype
-        self.use_graphs = self.device.type == "cuda" if use_graphs is None else use_graphs
-        self.max_slots = max_slots
-        self.slots: OrderedDict[tuple[int, int], _Slot] = OrderedDict()
         self.qkv = [_fuse_linears([layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj])
                     for layer in self.layers]
         self.gate_up = [_fuse_linears([layer.mlp.gate_proj, layer.mlp.up_proj]) for layer in self.layers]
@@ -136,7 +128,7 @@ class StaticDecoder:
         self.ffn = self.layers[0].mlp.gate_proj.out_features
         self.eps = self.layers[0].input_layernorm.variance_epsilon
         self.norm, self.add_norm, self.rope, self.act = rms_norm, _add_rms_norm, _rope, swiglu
-        if self.use_graphs:
+        if compile_ops:
             # Inside a CUDA graph launches are free, but every small kernel still costs a few
             # microseconds of GPU time: fuse each norm, rotary and activation into one kernel.
             h = self.inner.config.hidden_size
@@ -147,25 +139,17 @@ class StaticDecoder:
             self.rope = compiled(_rope, self.device, (1, 4, 1, d), (1, 2, 1, d), (1, 1, 1, d), (1, 1, 1, d), backward=False)
 
     def unfuse(self) -> None:
-        """Give every layer its own weight storage again (the decoder then re-fuses on next use).
-
-        Serialisers treat views of one storage as tied weights and keep only one of them:
-        call this before saving the model's state dict.
-        """
-        for layer in self.layers:
-            _unfuse([layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj])
-            _unfuse([layer.mlp.gate_proj, layer.mlp.up_proj])
+        """Give every layer its own weight storage again (see `unfuse`)."""
+        unfuse(self.model)
         self.qkv = self.gate_up = None
-        self.slots.clear()
 
-    def fits(self, prompts: list[list[int]], max_new_tokens: int) -> bool:
-        """Whether these lengths stay inside the sliding window (beyond it this decoder would differ)."""
-        return self.window is None or max(len(p) for p in prompts) + max_new_tokens <= self.window
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, write, attend=None) -> torch.Tensor:
+        """The decoder on token `ids` [b, t] at `positions` [b, t]; returns the final-normed hidden states.
 
-    # ------------------------------------------------------------ the model, layer by layer
-
-    def _layers(self, h, positions, mask, write):
-        """The decoder on `h` (embedded tokens); returns the final-normed hidden states."""
+        `attend(q, keys, values, mask)` replaces `self.attend` (the engine's per-row CPU mode).
+        """
+        attend = attend or self.attend
+        h = self.inner.embed_tokens(ids)
         cos, sin = self.inner.rotary_emb(h, positions)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         b, t, _ = h.shape
@@ -178,14 +162,14 @@ class StaticDecoder:
             v = v.view(b, t, -1, self.head_dim).transpose(1, 2)
             q, k = self.rope(q, k, cos, sin)
             keys, values = write(i, k, v)
-            h, x = self.add_norm(h, a.o_proj(self._attend(q, keys, values, mask)), layer.post_attention_layernorm.weight,
+            h, x = self.add_norm(h, a.o_proj(attend(q, keys, values, mask)), layer.post_attention_layernorm.weight,
                                  self.eps)
             gate, up = F.linear(x, *self.gate_up[i]).split((self.ffn, self.ffn), dim=-1)
             after = self.layers[i + 1].input_layernorm if i + 1 < len(self.layers) else self.inner.norm
             h, x = self.add_norm(h, layer.mlp.down_proj(self.act(gate, up)), after.weight, self.eps)
         return x
 
-    def _attend(self, q, keys, values, mask):
+    def attend(self, q, keys, values, mask):
         b, heads, t, d = q.shape
         kv = keys.shape[1]
         if t == 1:
@@ -196,6 +180,70 @@ class StaticDecoder:
             return o.reshape(b, 1, heads * d)
         o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scale, enable_gqa=True)
         return o.transpose(1, 2).reshape(b, t, -1)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self.model.lm_head(h).float()
+
+
+def unfuse(model) -> None:
+    """Give every fused q/k/v and gate/up group of `model` its own weight storage again.
+
+    Serialisers treat views of one storage as tied weights and keep only one of them: call
+    this before saving the model's state dict. A decoder re-fuses on its next construction.
+    """
+    for module in model.modules():
+        if hasattr(module, "self_attn") and hasattr(module, "mlp"):
+            a, m = module.self_attn, module.mlp
+            if all(hasattr(a, p) for p in ("q_proj", "k_proj", "v_proj")):
+                _unfuse([a.q_proj, a.k_proj, a.v_proj])
+            if hasattr(m, "gate_proj") and hasattr(m, "up_proj"):
+                _unfuse([m.gate_proj, m.up_proj])
+
+
+class _Slot:
+    """A static KV cache for `batch` rows of `length` positions, and its captured decode step."""
+
+    def __init__(self, decoder: "StaticDecoder", batch: int, length: int):
+        d, dev, dtype = decoder.stack, decoder.device, decoder.dtype
+        shape = (batch, d.n_kv, length, d.head_dim)
+        self.k = [torch.zeros(shape, device=dev, dtype=dtype) for _ in d.layers]
+        self.v = [torch.zeros(shape, device=dev, dtype=dtype) for _ in d.layers]
+        self.token = torch.zeros((batch, 1), device=dev, dtype=torch.long)
+        self.pos = torch.zeros(batch, device=dev, dtype=torch.long)
+        self.rows = torch.arange(batch, device=dev)
+        self.keys = torch.arange(length, device=dev)
+        self.graph = None
+        self.logits = None
+
+
+class StaticDecoder:
+    """Whole-batch greedy or sampled decoding (`serve.engine=static` on CUDA); mirrors the old TorchBackend.generate.
+
+    The continuous-batching engine (afinar/engine/torch_runner.py) runs the same `DecoderStack`.
+    """
+
+    def __init__(self, model, use_graphs: bool | None = None, max_slots: int = 4):
+        self.model = model
+        weight = model.lm_head.weight
+        self.device, self.dtype = weight.device, weight.dtype
+        self.use_graphs = self.device.type == "cuda" if use_graphs is None else use_graphs
+        self.stack = DecoderStack(model, compile_ops=self.use_graphs)
+        self.window = self.stack.window
+        self.max_slots = max_slots
+        self.slots: OrderedDict[tuple[int, int], _Slot] = OrderedDict()
+
+    @property
+    def qkv(self):
+        return self.stack.qkv
+
+    def unfuse(self) -> None:
+        """Give every layer its own weight storage again (the decoder then re-fuses on next use)."""
+        self.stack.unfuse()
+        self.slots.clear()
+
+    def fits(self, prompts: list[list[int]], max_new_tokens: int) -> bool:
+        """Whether these lengths stay inside the sliding window (beyond it this decoder would differ)."""
+        return self.window is None or max(len(p) for p in prompts) + max_new_tokens <= self.window
 
     def _prefill(self, slot: _Slot, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Run right-padded prompts, fill cache positions [0, width); logits after each prompt's last token."""
@@ -209,8 +257,8 @@ class StaticDecoder:
             slot.v[i][:, :, :width] = v
             return k, v
 
-        h = self._layers(self.inner.embed_tokens(ids), j.expand(b, width), mask, write)
-        return self.model.lm_head(h[slot.rows, lengths - 1]).float()
+        h = self.stack.forward(ids, j.expand(b, width), mask, write)
+        return self.stack.logits(h[slot.rows, lengths - 1])
 
     def _step(self, slot: _Slot) -> torch.Tensor:
         """One token per row at position `slot.pos`: fixed shapes, so it can be captured."""
@@ -222,8 +270,8 @@ class StaticDecoder:
             slot.v[i][slot.rows, :, pos] = v[:, :, 0]
             return slot.k[i], slot.v[i]
 
-        h = self._layers(self.inner.embed_tokens(slot.token), pos[:, None], mask, write)
-        return self.model.lm_head(h[:, -1]).float()
+        h = self.stack.forward(slot.token, pos[:, None], mask, write)
+        return self.stack.logits(h[:, -1])
 
     def _decode(self, slot: _Slot) -> torch.Tensor:
         if not self.use_graphs:

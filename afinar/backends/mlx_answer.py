@@ -25,38 +25,10 @@ class MLXAnswerer(MLXModel):
                  top_p: float = 1.0, seed: int = 0,
                  on_token: Callable[[int, int], None] | None = None,
                  should_stop: Callable[[int], bool] | None = None) -> list[list[int]]:
-        """mlx-lm's BatchGenerator (continuous batching, one KV cache per row)."""
-        from mlx_lm.generate import BatchGenerator
-        from mlx_lm.sample_utils import make_sampler
+        """New token ids per prompt, through the serving engine (mlx-lm's BatchGenerator, a sampler per row)."""
+        from afinar.engine import engine_for
 
-        mx = self.mx
-        mx.random.seed(seed)
-        sampler = make_sampler(temp=temperature, top_p=top_p if 0 < top_p < 1 else 0.0)
-        stops = set(self.stop_ids or [self.tokenizer.eos_token_id])  # any of the model's end tokens
-        gen = BatchGenerator(self.model, max_tokens=max_new_tokens, stop_tokens=[[t] for t in sorted(stops)], sampler=sampler,
-                             completion_batch_size=max(len(prompts), 1), prefill_batch_size=max(len(prompts), 1))
-        results: list[list[int]] = [[] for _ in prompts]
-        try:
-            uids = gen.insert([list(p) for p in prompts], [max_new_tokens] * len(prompts))
-            row_of = {uid: row for row, uid in enumerate(uids)}
-            live = set(uids)
-            while live and (responses := gen.next_generated()):
-                for r in responses:
-                    row = row_of[r.uid]
-                    if r.finish_reason != "stop" and r.token not in stops:
-                        results[row].append(r.token)
-                        if on_token is not None:
-                            on_token(row, r.token)
-                    if r.finish_reason is not None:
-                        live.discard(r.uid)
-                if should_stop is not None:
-                    cancelled = [uid for uid in live if should_stop(row_of[uid])]
-                    if cancelled:
-                        gen.remove(cancelled)
-                        live.difference_update(cancelled)
-        finally:
-            gen.close()
-        return results
+        return engine_for(self).generate(prompts, max_new_tokens, temperature, top_p, seed, on_token, should_stop)
 
     def save_merged(self, folder: Path) -> None:
         """Base + adapter folded into full-precision weights, saved as a plain HF folder.

@@ -68,18 +68,28 @@ class TorchAnswerer:
         loss, n = torch_model.loss_sum(self.model, batch, data.pad_id(self.tokenizer), self.device)
         return float(loss), n
 
-    @torch.inference_mode()
     def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
                  top_p: float = 1.0, seed: int = 0, on_token=None, should_stop=None) -> list[list[int]]:
-        """New token ids for each prompt (batched), without the closing EOS.
+        """New token ids for each prompt, without the closing end token, through the serving engine
+        (afinar/engine/: continuous batching, per-row sampling; ask, eval and serve answer alike).
 
         Serving streams and cancels through the two hooks: `on_token(row, token_id)` is called as
-        each new token of a row is produced (never for EOS), and a row for which `should_stop(row)`
-        returns True (client gone, stop string seen) ends early.
+        each new token of a row is produced (never for an end token), and a row for which
+        `should_stop(row)` returns True (client gone, stop string seen) ends early.
         """
+        from afinar.engine import engine_for
+
+        return engine_for(self).generate(prompts, max_new_tokens, temperature, top_p, seed, on_token, should_stop)
+
+    @torch.inference_mode()
+    def generate_static(self, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
+                        top_p: float = 1.0, seed: int = 0, on_token=None, should_stop=None,
+                        plain: bool = False) -> list[list[int]]:
+        """The earlier whole-batch generate, kept for comparison: serve.engine=static (the static decoder on
+        CUDA), or serve.engine=transformers (`plain`: transformers' generate only)."""
         eos, stops = self.tokenizer.eos_token_id, self.stop_ids
-        # The static decoder stops on one token only (for now): models with several end tokens take generate.
-        if len(stops) == 1 and (fast := self._fast_decoder(prompts, max_new_tokens)) is not None:
+        # The static decoder stops on one token only: models with several end tokens take generate.
+        if not plain and len(stops) == 1 and (fast := self._fast_decoder(prompts, max_new_tokens)) is not None:
             return fast.generate(prompts, max_new_tokens, eos, temperature, top_p, seed, on_token, should_stop)
         pad = data.pad_id(self.tokenizer)
         width = max(len(p) for p in prompts)
@@ -118,8 +128,9 @@ class TorchAnswerer:
         The merged weights are never re-quantized: rounding W + BA back to 4 bits can erase an
         update that small (PEFT's own bnb merge does re-quantize, so it is not used here).
         """
-        if self._decoder is not None:  # its fused weights are views that serialisers would dedupe
-            self._decoder.unfuse()
+        from afinar.backends import fast_decode
+
+        fast_decode.unfuse(self.model)  # fused q/k/v weights (the engine's or the static decoder's): views serialisers dedupe
         model = torch_weights.merge_into_dense(self.model, self.dtype, quantized=self.cfg.model.quantization != "none")
         model.save_pretrained(str(folder))
         mlx_config.add_mlx_keys(Path(folder) / "config.json")  # plain mlx_lm.load(OUT) reads the rope right

@@ -3,8 +3,8 @@
 //
 //   AFINAR_BASE_URL=http://127.0.0.1:8000/v1 AFINAR_API_KEY=... node server.js   # then open http://127.0.0.1:3000
 //
-// The same code works against any OpenAI-compatible server (vLLM serving an
-// `afinar export --merged` model, for one): only the base URL changes.
+// The same code works against any OpenAI-compatible server (vLLM serving the run's adapter
+// with --enable-lora, or an `afinar export --merged` model): only the base URL and model change.
 "use strict";
 
 const path = require("node:path");
@@ -59,8 +59,9 @@ function createApp({
       }
       return res.end();
     } catch (err) {
-      // afinar's own 4xx (bad key, full queue) reach the browser as they are; anything else is a 502.
-      const status = err.status >= 400 && err.status < 500 ? err.status : 502;
+      // afinar's own 4xx (bad key, full queue) and 503 (loading, draining for a restart: retry
+      // later, or on another instance) reach the browser as they are; anything else is a 502.
+      const status = (err.status >= 400 && err.status < 500) || err.status === 503 ? err.status : 502;
       if (err.headers?.get?.("retry-after")) res.set("Retry-After", err.headers.get("retry-after"));
       return res.status(status).json({ error: describe(err) });
     }
