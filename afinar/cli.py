@@ -78,6 +78,15 @@ def resolve_config(config: Path | None, preset: str | None, overrides: list[str]
     return C.load_config(path, overrides or [])
 
 
+def require_extra(extra: str, what: str, *modules: str) -> None:
+    """Stop with the pip command when an optional dependency of `what` is missing."""
+    import importlib.util
+
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise AfinarError(f"{what} needs {' and '.join(missing)}, not installed: pip install 'afinar[{extra}]'")
+
+
 # ---------------------------------------------------------------- commands
 
 
@@ -87,12 +96,13 @@ def demo(
     output: Annotated[Path, typer.Option(help="Run folder to (re)write.")] = Path("runs/demo"),
     set_: SetOpt = None,
     full: Annotated[bool, typer.Option(help="Train the cpu preset's full schedule instead of the short demo one.")] = False,
+    questions: Annotated[Optional[int], typer.Option(min=1, help="Score only the first N validation and test questions (a quick check of an install).")] = None,
 ):
     """QLoRA-tune the embedded SmolLM2-135M-Instruct on the bundled Farense data, then answer and score it."""
     from afinar.demo import run_demo
 
     quiet_libraries()
-    run_demo(output, set_ or [], console, full=full)
+    run_demo(output, set_ or [], console, full=full, questions=questions)
 
 
 @app.command()
@@ -251,6 +261,7 @@ def serve(
     no_verify: NoVerifyOpt = False,
 ):
     """Serve a run over HTTP: OpenAI's chat completions API (+ streaming) and /v1/ask, batching concurrent requests."""
+    require_extra("serve", "afinar serve", "fastapi", "uvicorn")
     from afinar.config import build_config
     from afinar.runs import load_run
 

