@@ -162,6 +162,10 @@ class ServeConfig(_Section):
         30.0, ge=0, description="On SIGTERM/SIGINT: new requests get 503; requests in flight have this long to "
         "finish, then end with a clean error; then the server exits 0."
     )
+    switch_interval_ms: float = Field(
+        0.5, gt=0, le=100, description="The server process's Python thread switch interval (Python's default is 5): "
+        "how soon the engine thread gets the interpreter back from the HTTP event loop after each step."
+    )
 
 
 class DistributedConfig(_Section):

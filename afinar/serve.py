@@ -154,6 +154,11 @@ class State:
             generate = lambda *a, **k: backend.generate_static(*a, plain=self.cfg.engine == "transformers", **k)  # noqa: E731
             decode = lambda ids: predictor.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
             engine = Batcher(generate, decode, self.cfg, predictor.context_length)
+        # The engine thread and the event loop share the GIL. When the engine comes back from the
+        # device (a step's tokens) while the loop is busy writing streamed chunks, CPython hands it
+        # the GIL only after the switch interval (5 ms by default: as long as a 7B decode step).
+        # 0.5 ms (serve.switch_interval_ms) keeps that wait far below a step, for a few more thread switches.
+        sys.setswitchinterval(self.cfg.switch_interval_ms / 1000)
         self.engine = engine.start()
         self.predictor, self.status, self.stage = predictor, "ready", None
         say(f"ready in {time.time() - self.started:.1f} s")

@@ -13,6 +13,12 @@ server's RSS from /metrics after the warm-up and at the end. Then the head-of-li
 p95 latency of short requests at `--hol-concurrency`, alone and with one `--long-tokens` prompt
 sent first in every round.
 
+An engine name may carry settings of its own after a `+` (`continuous+serve.switch_interval_ms=5`:
+the same engine with Python's default thread switch interval, an A/B in one run). `--client-procs`
+spreads each level's requests over several client processes, so that parsing the streamed chunks
+in one Python process does not become the limit; per level the continuous engine's own steps
+(from /metrics) give its milliseconds per step as the server saw them.
+
 On a shared CPU all servers run at once and the rounds alternate between them, so background
 load falls on each alike; on a GPU (`--one-at-a-time`) they run one after the other.
 
@@ -195,6 +201,44 @@ async def load(url: str, bodies: list[tuple[list[dict], int, bool]], concurrency
     return results
 
 
+def _load_part(url: str, bodies: list, concurrency: int, seconds: float) -> dict:
+    """One client process's share of a level (see `load_split`): its Tally's fields."""
+    tally = Tally()
+    asyncio.run(load(url, bodies, concurrency, tally, seconds))
+    return vars(tally)
+
+
+def load_split(url: str, bodies: list, concurrency: int, tally: Tally, seconds: float, procs: int) -> None:
+    """`load` with the requests and the concurrency spread over `procs` client processes.
+
+    One Python process parsing every streamed chunk (httpx + the openai client's pydantic models)
+    can itself become the limit at thousands of chunks per second; several processes keep the
+    client out of the measurement. The level's wall time is the slowest process's.
+    """
+    procs = max(1, min(procs, concurrency))
+    if procs == 1:
+        asyncio.run(load(url, bodies, concurrency, tally, seconds))
+        return
+    import multiprocessing
+
+    shares = [concurrency // procs + (i < concurrency % procs) for i in range(procs)]
+    parts = [bodies[i::procs] for i in range(procs)]
+    with multiprocessing.get_context("spawn").Pool(procs) as pool:
+        done = pool.starmap(_load_part, [(url, part, share, seconds) for part, share in zip(parts, shares)])
+    for d in done:
+        for key in ("ttft", "itl", "latency", "errors", "ttft_short"):
+            getattr(tally, key).extend(d[key])
+        tally.tokens += d["tokens"]
+        tally.sent += d["sent"]
+        tally.cut += d["cut"]
+    tally.wall += max(d["wall"] for d in done)
+
+
+def engine_counters(url: str) -> tuple[int, int]:
+    m = metrics(url)
+    return m.get("steps") or 0, m.get("generated_tokens") or 0
+
+
 def mix(shorts, long, n: int, offset: int, max_tokens: int, long_every: int) -> list:
     out = []
     for i in range(n):
@@ -217,16 +261,22 @@ def measure(urls: dict[str, str], args, shorts, long) -> dict:
                              args.level_seconds))
             out[e]["rss_mb"].setdefault("after_warmup", metrics(url)["rss_mb"])
         tallies = {e: Tally() for e in urls}
+        before = {e: engine_counters(url) for e, url in urls.items()}
         per_round = -(-args.requests // args.rounds)
         for r in range(args.rounds):
             for e in (list(urls) if r % 2 == 0 else list(reversed(urls))):
                 n = min(per_round, args.requests - tallies[e].sent)
                 left = args.level_seconds - tallies[e].wall if args.level_seconds else 0
                 if n > 0 and left >= 0:
-                    asyncio.run(load(urls[e], mix(shorts, long, n, tallies[e].sent, args.max_tokens, args.long_every),
-                                     c, tallies[e], left if args.level_seconds else 0))
+                    load_split(urls[e], mix(shorts, long, n, tallies[e].sent, args.max_tokens, args.long_every),
+                               c, tallies[e], left if args.level_seconds else 0, args.client_procs)
         for e in urls:
             out[e]["levels"][str(c)] = tallies[e].summary()
+            steps, tokens = (a - b for a, b in zip(engine_counters(urls[e]), before[e]))
+            if steps:  # the continuous engine: its steps during the level, seen from the server
+                wall = tallies[e].wall
+                out[e]["levels"][str(c)]["server"] = {"steps": steps, "ms_per_step": round(1000 * wall / steps, 2),
+                                                      "tokens_per_step": round(tokens / steps, 2)}
             print(f"{e:13} c={c:<3} {json.dumps(out[e]['levels'][str(c)])}", file=sys.stderr, flush=True)
     hol = args.hol_concurrency
     alone, mixed = {e: [] for e in urls}, {e: [] for e in urls}
@@ -256,8 +306,10 @@ def measure(urls: dict[str, str], args, shorts, long) -> dict:
 
 def start_server(run: Path, engine: str, extra: list[str], log: Path) -> tuple[subprocess.Popen, str]:
     # The interpreter running this script, so the server gets the same packages (no console script needed).
+    # An engine may carry its own settings: "continuous+serve.switch_interval_ms=5" (an A/B within one run).
+    engine, *own = engine.split("+")
     args = [sys.executable, "-m", "afinar.cli", "serve", str(run), "--port", "0", "--set", f"serve.engine={engine}"]
-    for s in extra:
+    for s in [*extra, *own]:
         args += ["--set", s]
     out = open(log, "w")
     proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
@@ -310,6 +362,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=10, help="Rounds alternating between the engines, per level.")
     ap.add_argument("--level-seconds", type=float, default=0,
                     help="Per engine and level, stop starting requests (warm-up and measured) after this long (0: never).")
+    ap.add_argument("--client-procs", type=int, default=1,
+                    help="Client processes per level (the concurrency is spread over them); 1: one asyncio loop.")
     ap.add_argument("--hol-concurrency", type=int, default=8)
     ap.add_argument("--hol-rounds", type=int, default=10)
     ap.add_argument("--one-at-a-time", action="store_true", help="One server at a time (a GPU holds one 7B server).")
@@ -330,7 +384,7 @@ def main() -> None:
                "the machine. tokens/s = completion tokens (from usage) / wall time of the level; TTFT = first non-empty "
                "streamed content; ITL = per request, (end - first token) / (completion tokens - 1). RSS from /metrics.",
         "settings": {k: getattr(args, k) for k in ("shape", "engines", "levels", "requests", "max_tokens", "long_tokens",
-                                                   "long_every", "warmup", "rounds", "level_seconds", "hol_concurrency",
+                                                   "long_every", "warmup", "rounds", "level_seconds", "client_procs", "hol_concurrency",
                                                    "hol_rounds", "one_at_a_time", "settings")},
     }
     run = args.run or make_run(args.shape, args.work, args.tokenizer)
