@@ -168,7 +168,7 @@ def loss_sum(model, batch: list[data.Encoded], pad: int, device: torch.device,
     # kernel that expands the mask per head (3 GB on a 7B step).
     with precision or contextlib.nullcontext():
         if transform is not None:
-            hidden = base.get_decoder()(input_ids=ids).last_hidden_state
+            hidden = base.model(input_ids=ids)[0]  # as the forward does (torch_head.py checks its source)
             logits = transform(base, head(hidden.reshape(-1, hidden.shape[-1]).index_select(0, where)))
         else:
             logits = model(input_ids=ids).logits
