@@ -12,8 +12,9 @@ The chat templates in tests/data/templates/ are the models' published templates,
 (see SOURCES below): training and answering must work with each family's quirks (Qwen3's think
 blocks, Phi's trailing EOS, Gemma-2's refusal of a system role, Llama-3's date header...).
 
-`gemma3-vision` is a multimodal checkpoint (Gemma3ForConditionalGeneration: the Gemma-3 language
-model in `text_config`, a one-layer SigLIP vision tower and its projector), saved with the
+`gemma3-vision` and `mistral3-vision` are multimodal checkpoints (Gemma3ForConditionalGeneration:
+the Gemma-3 language model in `text_config`, a one-layer SigLIP vision tower and its projector;
+Mistral3ForConditionalGeneration: a Mistral decoder and a one-layer Pixtral tower), saved with the
 checkpoint names transformers 5 writes (language_model.model.*, vision_tower.*).
 
 `family_models` (session fixture): `family_models(name) -> Path`, building each folder once.
@@ -84,6 +85,10 @@ GEMMA3_VISION = dict(vision_config=dict(model_type="siglip_vision_model", hidden
                                         vision_use_head=False), mm_tokens_per_image=4)
 GEMMA3_IMAGE_TOKENS = (("boi_token_index", "<start_of_image>"), ("eoi_token_index", "<end_of_image>"),
                        ("image_token_index", "<image_soft_token>"))
+# Mistral-Small-3.1 style: a Pixtral vision tower (2x2 patches merged into one image token) on a Mistral decoder.
+MISTRAL3_VISION = dict(vision_config=dict(model_type="pixtral", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                          num_attention_heads=2, head_dim=16, image_size=32, patch_size=16),
+                       spatial_merge_size=2, tie_word_embeddings=False)
 PHI_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
 
 FAMILIES: dict[str, Family] = {f.name: f for f in [
@@ -108,6 +113,10 @@ FAMILIES: dict[str, Family] = {f.name: f for f in [
     Family("mistral", "mistral", dict(head_dim=16, tie_word_embeddings=False, sliding_window=None,
                                       rope_parameters={"rope_type": "default", "rope_theta": 40000.0}),
            None, tokenizer="mistral", generation_eos=("</s>",)),
+    Family("mistral3-vision", "mistral3", dict(head_dim=16, tie_word_embeddings=False, sliding_window=None,
+                                               rope_parameters={"rope_type": "default", "rope_theta": 45000.0}),
+           None, tokenizer="mistral", generation_eos=("</s>",), specials=("[IMG]", "[IMG_BREAK]", "[IMG_END]"),
+           vision=MISTRAL3_VISION, image_tokens=(("image_token_index", "[IMG]"),)),
     Family("gemma2", "gemma2", dict(
         head_dim=16, query_pre_attn_scalar=24, final_logit_softcapping=30.0, attn_logit_softcapping=50.0,
         tie_word_embeddings=True, rope_parameters={"rope_type": "default", "rope_theta": 50000.0}),
@@ -158,7 +167,11 @@ def _tokenizer(family: Family, folder: Path):
     if family.tokenizer == "mistral":
         from afinar.synthetic import mistral_tokenizer
 
-        return mistral_tokenizer(folder)
+        tok = mistral_tokenizer(folder)
+        if family.specials:  # Mistral-7B's vocabulary has no image tokens: add them as Tekken has them
+            tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in family.specials])
+            tok.save_pretrained(folder)
+        return tok
     from afinar import models
 
     tok = AutoTokenizer.from_pretrained(models.resolve("smollm2-135m-instruct").path)
@@ -176,9 +189,10 @@ def _tokenizer(family: Family, folder: Path):
 def build(family: Family, folder: str | Path, seed: int = 0) -> Path:
     """Write the family's tiny model folder (atomic); returns it. Seconds on CPU."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+    from transformers import AutoConfig, GenerationConfig
 
     from afinar import atomic
+    from afinar.backends.torch_model import lm_class
 
     folder = Path(folder)
     with atomic.folder(folder) as tmp:
@@ -193,7 +207,7 @@ def build(family: Family, folder: str | Path, seed: int = 0) -> Path:
             images = {key: tok.convert_tokens_to_ids(token) for key, token in family.image_tokens}
             config = AutoConfig.for_model(family.model_type, text_config=text, **family.vision, **images)
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)  # ...ForConditionalGeneration for vision
+        model = lm_class(config.model_type).from_config(config, dtype=torch.float32)  # ...ForConditionalGeneration for vision
         with torch.no_grad():  # a random init this small gives near-uniform logits: spread them so comparisons bite
             for p in model.parameters():
                 if p.ndim == 2:

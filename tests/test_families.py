@@ -98,9 +98,12 @@ def probe_ids(tokenizer) -> list[int]:
 
 def hf_logits(folder, ids, adapter=None) -> np.ndarray:
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig
 
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    from afinar.backends.torch_model import lm_class
+
+    # AutoModelForCausalLM, or AutoModelForImageTextToText where transformers maps a multimodal checkpoint only there
+    model = lm_class(AutoConfig.from_pretrained(folder).model_type).from_pretrained(folder, dtype=torch.float32)
     if adapter is not None:
         model = PeftModel.from_pretrained(model, str(adapter))
     with torch.no_grad():
@@ -259,9 +262,12 @@ def test_multimodal_merged_export_is_the_complete_checkpoint(name, backend, runs
 @pytest.mark.parametrize("name", MULTIMODAL)
 def test_multimodal_loss_is_the_models_own(name, family_models, tmp_path):  # noqa: F811
     """Text-only training takes the head-on-answers path through the text+vision model: HF's `labels=` loss."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
-    base = AutoModelForCausalLM.from_pretrained(family_models(name), dtype=torch.float32)
+    from afinar.backends.torch_model import lm_class
+
+    config = AutoConfig.from_pretrained(family_models(name))
+    base = lm_class(config.model_type).from_pretrained(family_models(name), dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(family_models(name))
     assert type(base).__name__.endswith("ForConditionalGeneration") and torch_head.head_transform(base) is not None
     backend = backend_on(base, tok, tmp_path)
@@ -418,7 +424,7 @@ def backend_on(base, tokenizer, tmp_path, targets_list="[q_proj,v_proj,down_proj
 def hf_labels_loss(backend, batch) -> float:
     from tests.test_torch_backend import hf_batch
 
-    ids, attn, labels = hf_batch(batch, backend.tokenizer.pad_token_id)
+    ids, attn, labels = hf_batch(batch, data.pad_id(backend.tokenizer))  # Mistral's has no pad token
     with torch.no_grad():
         return float(backend.model(input_ids=ids, attention_mask=attn, labels=labels).loss)
 
