@@ -8,7 +8,8 @@ Both store the same two matrices per adapted layer; only names, layouts and the 
             <path>.lora_b                          (r, out)
 
 so A = a^T, B = b^T and scale = lora_alpha / r. mlx-lm's module paths mirror the Hugging Face
-ones (model.layers.N.self_attn.q_proj) for the architectures both support. The run folder
+ones (model.layers.N.self_attn.q_proj) for the architectures both support, except in multimodal
+checkpoints (`hf_path` / `mlx_path`). The run folder
 holds the PEFT files at its root and the mlx-lm files in `mlx/`, whichever backend trained it.
 """
 
@@ -32,6 +33,20 @@ PEFT_PREFIX = "base_model.model."
 _PEFT_KEY = re.compile(r"^base_model\.model\.(?P<path>.+)\.lora_(?P<which>[AB])\.weight$")
 _MLX_KEY = re.compile(r"^(?P<path>.+)\.lora_(?P<which>[ab])$")
 _LAYER = re.compile(r"\.layers\.(\d+)\.(.+)$")
+# A multimodal checkpoint's language model: mlx-lm keeps the names of the checkpoint files
+# (language_model.model.layers.N...), transformers 5 and so PEFT rename them on load (its "llava"
+# conversion: model.language_model.layers.N...). Adapters are stored with PEFT's names.
+_MLX_LM, _HF_LM = "language_model.model.", "model.language_model."
+
+
+def hf_path(path: str) -> str:
+    """The transformers (PEFT) name of an mlx-lm module path."""
+    return _HF_LM + path.removeprefix(_MLX_LM) if path.startswith(_MLX_LM) else path
+
+
+def mlx_path(path: str) -> str:
+    """The mlx-lm name of a transformers (PEFT) module path."""
+    return _MLX_LM + path.removeprefix(_HF_LM) if path.startswith(_HF_LM) else path
 
 
 def detect_format(folder: str | Path) -> str:
@@ -105,7 +120,7 @@ def peft_to_mlx(src: str | Path, dst: str | Path) -> Path:
         layer, key = _layer_key(match["path"], src)
         layers.add(layer)
         keys.add(key)
-        out[f"{match['path']}.lora_{match['which'].lower()}"] = np.ascontiguousarray(value.T.astype(np.float32))
+        out[f"{mlx_path(match['path'])}.lora_{match['which'].lower()}"] = np.ascontiguousarray(value.T.astype(np.float32))
     # Every layer up to the highest adapted one must be converted by mlx-lm (it counts from the end).
     config = mlx_config(rank, alpha / rank, float(cfg.get("lora_dropout", 0.0)), sorted(keys), max(layers) + 1)
     with atomic.folder(dst) as tmp:
@@ -128,15 +143,17 @@ def mlx_to_peft(src: str | Path, dst: str | Path, base: str = "") -> Path:
         match = _MLX_KEY.match(name)
         if not match:
             raise AfinarError(f"{src / MLX_WEIGHTS}: unexpected tensor {name!r} (only lora_a/lora_b convert).")
-        targets.add(match["path"].rsplit(".", 1)[-1])
+        targets.add(hf_path(match["path"]))
         if match["which"] == "a":
             rank = value.shape[1]
-        out[f"{PEFT_PREFIX}{match['path']}.lora_{match['which'].upper()}.weight"] = np.ascontiguousarray(
+        out[f"{PEFT_PREFIX}{hf_path(match['path'])}.lora_{match['which'].upper()}.weight"] = np.ascontiguousarray(
             value.T.astype(np.float32))
     if rank is None:
         raise AfinarError(f"{src / MLX_WEIGHTS}: no lora_a matrices found.")
     rank = int(params.get("rank", rank))
     scale = float(params.get("scale", 20.0))  # mlx-lm's default when the config omits it
+    if not any(t.startswith(_HF_LM) for t in targets):  # else full names: short ones would reach the vision tower too
+        targets = {t.rsplit(".", 1)[-1] for t in targets}
     config = peft_config(rank, scale * rank, float(params.get("dropout", 0.0)), sorted(targets), base)
     with atomic.folder(dst) as tmp:
         save_file(out, str(tmp / PEFT_WEIGHTS), metadata={"format": "pt"})

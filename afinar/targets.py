@@ -5,6 +5,8 @@ Other families fuse some of them: Phi-3/Phi-4 have one `qkv_proj` and one `gate_
 as they are, PEFT would adapt only the names that exist and say nothing; here a preset name maps
 onto the fused layer that holds it (with a notice), `all-linear` means every linear layer of the
 decoder blocks, and a name that matches nothing is an error listing the model's linear layers.
+In a multimodal checkpoint only the language model is adapted (training is text-only: the vision
+tower never sees an input), unless a name itself names a tower part (`vision_tower.`...).
 
 Framework-free: the backends pass the full dotted names of the model's linear layers.
 """
@@ -21,7 +23,7 @@ ALL_LINEAR = "all-linear"
 # fused layer -> the separate layers it holds, in the names presets use
 FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 _BLOCK = re.compile(r"(?:^|\.)(?:layers|h|blocks|block)\.\d+\.")
-# Parts of multimodal checkpoints that are not the language model: never adapted.
+# Parts of multimodal checkpoints that are not the language model: adapted only when named.
 _TOWERS = ("vision", "visual", "image", "audio", "speech", "multi_modal_projector", "mm_projector")
 
 
@@ -30,7 +32,8 @@ def _matches(name: str, target: str) -> bool:
     return name == target or name.endswith("." + target)
 
 
-def _in_tower(name: str) -> bool:
+def in_tower(name: str) -> bool:
+    """Whether a module or tensor name is in a multimodal checkpoint's vision/audio tower or projector."""
     return any(part.startswith(_TOWERS) for part in name.split("."))
 
 
@@ -53,9 +56,13 @@ class Targets:
 
     @property
     def peft_target_modules(self) -> list[str]:
-        """What to give PEFT: the short names when they select exactly these layers, else the full names."""
+        """What to give PEFT: the short names when they select exactly these layers, else the full names.
+
+        Always the full names in a multimodal checkpoint's language model: its vision tower has layers of
+        the same names, which the caller may not have listed (mlx-lm drops the tower at load)."""
         by_kind = {n for n in self.linear if n.rsplit(".", 1)[-1] in self.kinds}
-        return self.kinds if by_kind == set(self.modules) else sorted(self.modules)
+        multimodal = any(".language_model." in f".{m}" for m in self.modules)
+        return self.kinds if by_kind == set(self.modules) and not multimodal else sorted(self.modules)
 
     def block_keys(self) -> list[str]:
         """Paths inside a decoder block (mlx-lm's LoRA `keys`); an error for a layer outside the blocks."""
@@ -68,7 +75,7 @@ class Targets:
 
 def describe_linear(linear: Iterable[str]) -> str:
     """The model's linear layers, one entry per path inside a block plus the others ('lm_head')."""
-    paths = {in_block(n) or n for n in linear if not _in_tower(n)}
+    paths = {in_block(n) or n for n in linear if not in_tower(n)}
     return ", ".join(sorted(paths))
 
 
@@ -78,13 +85,16 @@ def resolve(requested: list[str], linear: Iterable[str]) -> Targets:
     Raises AfinarError naming every requested name that selects nothing, with the model's linear layers.
     """
     linear = tuple(linear)
-    language = [n for n in linear if not _in_tower(n)]
+    language = [n for n in linear if not in_tower(n)]
     chosen: dict[str, None] = {}
     fused_for: dict[str, list[str]] = {}
-    missing = []
+    missing, towers = [], []
     for target in requested:
         if target == ALL_LINEAR:
             found = [n for n in language if in_block(n) is not None]
+        elif in_tower(target):  # asked by its own name: the user means the tower
+            found = [n for n in linear if _matches(n, target)]
+            towers += found
         else:
             found = [n for n in language if _matches(n, target)]
         if not found:
@@ -104,6 +114,9 @@ def resolve(requested: list[str], linear: Iterable[str]) -> Targets:
         f"lora.target_modules: this model fuses {', '.join(FUSED[fused])} into {fused}; adapting {fused} for "
         f"{', '.join(asked)} (one LoRA over the fused layer)."
         for fused, asked in fused_for.items())
+    if towers:
+        notices += (f"lora.target_modules: {towers[:3]}{'...' if len(towers) > 3 else ''} are outside the language model; "
+                    "afinar trains on text only, so they see no input and their LoRA stays zero.",)
     return Targets(tuple(chosen), linear, notices)
 
 

@@ -258,12 +258,14 @@ def _check_base(run: Path, cfg: Config, adapter_cfg: dict, shapes: dict, info: R
 def _meta_model(path: str) -> Any | None:
     """The base architecture with no weights (meta device), from config.json alone; None if unreadable."""
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
+
+    from afinar.backends.torch_model import lm_class
 
     try:
         config = AutoConfig.from_pretrained(path)
         with init_empty_weights():
-            return AutoModelForCausalLM.from_config(config)
+            return lm_class(config.model_type).from_config(config)
     except (OSError, ValueError, KeyError, TypeError):
         return None
 

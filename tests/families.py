@@ -12,6 +12,11 @@ The chat templates in tests/data/templates/ are the models' published templates,
 (see SOURCES below): training and answering must work with each family's quirks (Qwen3's think
 blocks, Phi's trailing EOS, Gemma-2's refusal of a system role, Llama-3's date header...).
 
+`gemma3-vision` and `mistral3-vision` are multimodal checkpoints (Gemma3ForConditionalGeneration:
+the Gemma-3 language model in `text_config`, a one-layer SigLIP vision tower and its projector;
+Mistral3ForConditionalGeneration: a Mistral decoder and a one-layer Pixtral tower), saved with the
+checkpoint names transformers 5 writes (language_model.model.*, vision_tower.*).
+
 `family_models` (session fixture): `family_models(name) -> Path`, building each folder once.
 """
 
@@ -56,6 +61,10 @@ class Family:
     generation_eos: tuple[str, ...] = ()  # generation_config.json eos_token_id, in this order
     tokenizer: str = "smollm2"  # or "mistral"
     fused: bool = False  # q/k/v and gate/up are one layer each (phi3)
+    # A multimodal checkpoint (...ForConditionalGeneration): its top-level config beyond text_config, which
+    # gets TINY + `config`; and the config keys that name image tokens, with the tokens (added to the tokenizer).
+    vision: dict | None = None
+    image_tokens: tuple[tuple[str, str], ...] = ()
 
 
 def _longrope(rotary_dims: int, theta: float) -> dict:
@@ -69,6 +78,17 @@ def _longrope(rotary_dims: int, theta: float) -> dict:
 LLAMA3_TOKENS = ("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
                  "<|eot_id|>", "<|eom_id|>", "<|python_tag|>", "<|finetune_right_pad_id|>")
 GEMMA_TOKENS = ("<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>")
+# Gemma-3 4B+ style: a SigLIP vision tower (hidden 32, one layer, 2x2 patches of 16 pixels) whose image
+# becomes mm_tokens_per_image soft tokens; no pooling head, as the real checkpoints.
+GEMMA3_VISION = dict(vision_config=dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64,
+                                        num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=16,
+                                        vision_use_head=False), mm_tokens_per_image=4)
+GEMMA3_IMAGE_TOKENS = (("boi_token_index", "<start_of_image>"), ("eoi_token_index", "<end_of_image>"),
+                       ("image_token_index", "<image_soft_token>"))
+# Mistral-Small-3.1 style: a Pixtral vision tower (2x2 patches merged into one image token) on a Mistral decoder.
+MISTRAL3_VISION = dict(vision_config=dict(model_type="pixtral", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                          num_attention_heads=2, head_dim=16, image_size=32, patch_size=16),
+                       spatial_merge_size=2, tie_word_embeddings=False)
 PHI_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
 
 FAMILIES: dict[str, Family] = {f.name: f for f in [
@@ -93,6 +113,10 @@ FAMILIES: dict[str, Family] = {f.name: f for f in [
     Family("mistral", "mistral", dict(head_dim=16, tie_word_embeddings=False, sliding_window=None,
                                       rope_parameters={"rope_type": "default", "rope_theta": 40000.0}),
            None, tokenizer="mistral", generation_eos=("</s>",)),
+    Family("mistral3-vision", "mistral3", dict(head_dim=16, tie_word_embeddings=False, sliding_window=None,
+                                               rope_parameters={"rope_type": "default", "rope_theta": 45000.0}),
+           None, tokenizer="mistral", generation_eos=("</s>",), specials=("[IMG]", "[IMG_BREAK]", "[IMG_END]"),
+           vision=MISTRAL3_VISION, image_tokens=(("image_token_index", "[IMG]"),)),
     Family("gemma2", "gemma2", dict(
         head_dim=16, query_pre_attn_scalar=24, final_logit_softcapping=30.0, attn_logit_softcapping=50.0,
         tie_word_embeddings=True, rope_parameters={"rope_type": "default", "rope_theta": 50000.0}),
@@ -105,6 +129,14 @@ FAMILIES: dict[str, Family] = {f.name: f for f in [
                          "sliding_attention": {"rope_type": "default", "rope_theta": 7000.0}}),
         "gemma-3.jinja", bos="<bos>", eos="<eos>", pad="<pad>", specials=GEMMA_TOKENS,
         generation_eos=("<eos>", "<end_of_turn>")),
+    Family("gemma3-vision", "gemma3", dict(
+        head_dim=16, query_pre_attn_scalar=24, tie_word_embeddings=True, sliding_window=512,
+        layer_types=["sliding_attention", "full_attention"],
+        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 60000.0},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 7000.0}}),
+        "gemma-3.jinja", bos="<bos>", eos="<eos>", pad="<pad>", specials=(*GEMMA_TOKENS, *(t for _, t in GEMMA3_IMAGE_TOKENS)),
+        generation_eos=("<eos>", "<end_of_turn>"), vision=GEMMA3_VISION,
+        image_tokens=GEMMA3_IMAGE_TOKENS),
     Family("phi3.5", "phi3", dict(
         tie_word_embeddings=False, max_position_embeddings=131072, original_max_position_embeddings=4096,
         rope_parameters=_longrope(16, 20000.0)),
@@ -135,7 +167,11 @@ def _tokenizer(family: Family, folder: Path):
     if family.tokenizer == "mistral":
         from afinar.synthetic import mistral_tokenizer
 
-        return mistral_tokenizer(folder)
+        tok = mistral_tokenizer(folder)
+        if family.specials:  # Mistral-7B's vocabulary has no image tokens: add them as Tekken has them
+            tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in family.specials])
+            tok.save_pretrained(folder)
+        return tok
     from afinar import models
 
     tok = AutoTokenizer.from_pretrained(models.resolve("smollm2-135m-instruct").path)
@@ -153,20 +189,25 @@ def _tokenizer(family: Family, folder: Path):
 def build(family: Family, folder: str | Path, seed: int = 0) -> Path:
     """Write the family's tiny model folder (atomic); returns it. Seconds on CPU."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+    from transformers import AutoConfig, GenerationConfig
 
     from afinar import atomic
+    from afinar.backends.torch_model import lm_class
 
     folder = Path(folder)
     with atomic.folder(folder) as tmp:
         tok = _tokenizer(family, tmp)
         ids = lambda *tokens: [tok.convert_tokens_to_ids(t) for t in tokens]  # noqa: E731
         vocab = -(-len(tok) // 64) * 64  # padded like real checkpoints: some embedding rows have no token
-        config = AutoConfig.for_model(family.model_type, **{**TINY, **family.config}, vocab_size=vocab,
-                                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                                      pad_token_id=tok.pad_token_id)
+        text = dict(**{**TINY, **family.config}, vocab_size=vocab, bos_token_id=tok.bos_token_id,
+                    eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        if family.vision is None:
+            config = AutoConfig.for_model(family.model_type, **text)
+        else:  # the language model nested in text_config, as real multimodal checkpoints have it
+            images = {key: tok.convert_tokens_to_ids(token) for key, token in family.image_tokens}
+            config = AutoConfig.for_model(family.model_type, text_config=text, **family.vision, **images)
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model = lm_class(config.model_type).from_config(config, dtype=torch.float32)  # ...ForConditionalGeneration for vision
         with torch.no_grad():  # a random init this small gives near-uniform logits: spread them so comparisons bite
             for p in model.parameters():
                 if p.ndim == 2:

@@ -11,7 +11,9 @@ Matrix (family x cell), each cell its own test:
   mlx-merged    plain `mlx_lm.load(merged export)` == transformers on the same folder
 Logits are compared in fp32 with atol 1e-4 (observed differences are ~2e-5 on logits of size ~10).
 
-Then: LoRA target resolution (afinar/targets.py), the loss of models that scale their logits
+Multimodal checkpoints (gemma3-vision) take every cell, text only; then: both backends' merged export
+keeps the vision tower, the loss is HF's, an MLX-trained adapter loads in PEFT, the run's mlx/ adapter
+loads in plain mlx-lm. Then: LoRA target resolution (afinar/targets.py), the loss of models that scale their logits
 (Granite, Cohere, Falcon-H1, Gemma-2's softcap) against HF's own `labels=` loss, fuse_pointwise
 leaving alone the modules whose forward is not the one it replaces, and mlx_config's translation.
 """
@@ -96,9 +98,12 @@ def probe_ids(tokenizer) -> list[int]:
 
 def hf_logits(folder, ids, adapter=None) -> np.ndarray:
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig
 
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    from afinar.backends.torch_model import lm_class
+
+    # AutoModelForCausalLM, or AutoModelForImageTextToText where transformers maps a multimodal checkpoint only there
+    model = lm_class(AutoConfig.from_pretrained(folder).model_type).from_pretrained(folder, dtype=torch.float32)
     if adapter is not None:
         model = PeftModel.from_pretrained(model, str(adapter))
     with torch.no_grad():
@@ -150,7 +155,9 @@ def test_lora(name, runs):
     losses = [s["loss"] for s in steps if "loss" in s and "step" in s]
     assert len(losses) == 3 and all(np.isfinite(losses)), losses
     adapter = json.loads((run / "adapter_config.json").read_text())
-    assert set(adapter["target_modules"]) == expected_kinds(FAMILIES[name])
+    # Short names, or full ones where a short name would also reach a vision tower (multimodal checkpoints)
+    assert {t.rsplit(".", 1)[-1] for t in adapter["target_modules"]} == expected_kinds(FAMILIES[name])
+    assert not any("vision" in t for t in adapter["target_modules"])
     assert meta["device"]["trainable_parameters_by_module"].keys() == expected_kinds(FAMILIES[name])
 
 
@@ -210,6 +217,7 @@ def test_mlx_merged(name, runs, merged):
     out = merged(name)
     ids = probe_ids(AutoTokenizer.from_pretrained(out))
     config = json.loads((out / "config.json").read_text())
+    config = config.get("text_config", config)  # a multimodal checkpoint's language model
     assert "rope_parameters" in config and "rope_theta" in config  # both forms
     if (config.get("rope_scaling") or {}).get("type") == "longrope":
         # mlx-lm 0.32.2 applies longrope's long factors at every length (transformers: the short ones up to
@@ -219,6 +227,88 @@ def test_mlx_merged(name, runs, merged):
         return
     net, _ = load(str(out))
     assert_close(np.array(net(mx.array([ids])).astype(mx.float32))[0], hf_logits(out, ids), "plain mlx_lm.load(merged)")
+
+
+# ---------------------------------------------------------------- multimodal checkpoints
+
+MULTIMODAL = [name for name, family in FAMILIES.items() if family.vision]
+
+
+def tower_state(folder) -> dict[str, torch.Tensor]:
+    """The vision tower and projector as transformers loads them from `folder` (random if the file lacked them)."""
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32)
+    return {k: v for k, v in model.state_dict().items() if targets.in_tower(k)}
+
+
+@pytest.mark.parametrize("backend", ["torch", "mlx"])
+@pytest.mark.parametrize("name", MULTIMODAL)
+def test_multimodal_merged_export_is_the_complete_checkpoint(name, backend, runs, tmp_path):
+    """Either backend's merged export keeps the vision tower (mlx-lm drops it at load) and loads as the
+    image-text model in transformers, with the language model equal to PEFT's."""
+    from transformers import AutoTokenizer
+
+    if backend == "mlx":
+        pytest.importorskip("mlx.core")
+    run, base = runs(name)
+    out = export_merged(run, tmp_path / "merged", backend=backend)
+    want, got = tower_state(base), tower_state(out)
+    assert want and got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    ids = probe_ids(AutoTokenizer.from_pretrained(out))
+    assert_close(hf_logits(out, ids), hf_logits(base, ids, adapter=run), f"{backend} merged export vs PEFT")
+
+
+@pytest.mark.parametrize("name", MULTIMODAL)
+def test_multimodal_loss_is_the_models_own(name, family_models, tmp_path):  # noqa: F811
+    """Text-only training takes the head-on-answers path through the text+vision model: HF's `labels=` loss."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from afinar.backends.torch_model import lm_class
+
+    config = AutoConfig.from_pretrained(family_models(name))
+    base = lm_class(config.model_type).from_pretrained(family_models(name), dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(family_models(name))
+    assert type(base).__name__.endswith("ForConditionalGeneration") and torch_head.head_transform(base) is not None
+    backend = backend_on(base, tok, tmp_path)
+    batch = [data.encode(e, tok, 256) for e in data.read_jsonl(tmp_path / "t.jsonl")][:3]
+    with torch.no_grad():
+        loss, n = backend.loss_sum(batch)
+    assert float(loss) / n == pytest.approx(hf_labels_loss(backend, batch), rel=1e-5)
+
+
+@pytest.mark.parametrize("name", MULTIMODAL)
+def test_multimodal_mlx_run(name, family_models, tmp_path):  # noqa: F811
+    """Trained on MLX: the PEFT adapter names transformers' modules (plain PEFT loads it), and `ask` answers."""
+    pytest.importorskip("mlx.core")
+    from transformers import AutoTokenizer
+
+    from afinar.inference import Predictor
+
+    base = family_models(name)
+    train = write_jsonl(tmp_path / "train.jsonl", chat_rows())
+    run = run_training(family_config(base, "backend=mlx", "model.compute_dtype=float32", train=train), tmp_path / "run").output
+    ids = probe_ids(AutoTokenizer.from_pretrained(base))
+    cfg, _ = load_run(run)
+    assert_close(mlx_backend_logits(cfg, base, ids, adapter=run), hf_logits(base, ids, adapter=run),
+                 "MLX-trained adapter: MLX vs plain PEFT")
+    assert 1 <= Predictor(run).ask(PROMPT, max_tokens=4)["completion_tokens"] <= 4
+
+
+@pytest.mark.parametrize("name", MULTIMODAL)
+def test_multimodal_run_adapter_loads_in_plain_mlx_lm(name, runs):
+    """The run's mlx/ adapter carries mlx-lm's names for the language model (language_model.model.*)."""
+    mx = pytest.importorskip("mlx.core")
+    from mlx_lm import load
+    from transformers import AutoTokenizer
+
+    from afinar import adapters
+
+    run, base = runs(name)
+    ids = probe_ids(AutoTokenizer.from_pretrained(base))
+    net, _ = load(str(base), adapter_path=str(run / adapters.MLX_SUBDIR), model_config=mlx_config.read_mlx_keys(base))
+    assert_close(np.array(net(mx.array([ids])).astype(mx.float32))[0], hf_logits(base, ids, adapter=run),
+                 "plain mlx_lm.load(base, adapter_path=run/mlx) vs PEFT")
 
 
 # ---------------------------------------------------------------- LoRA targets
@@ -251,6 +341,9 @@ def test_targets_all_linear_and_towers():
     named = targets.resolve(["q_proj"], VLM)  # a name never reaches the vision tower either
     assert named.modules == ("model.language_model.layers.0.self_attn.q_proj",)
     assert named.peft_target_modules == ["model.language_model.layers.0.self_attn.q_proj"]  # the short name would
+    asked = targets.resolve(["q_proj", "vision_tower.encoder.layers.0.self_attn.q_proj"], VLM)  # named: the user means it
+    assert set(asked.modules) == {"model.language_model.layers.0.self_attn.q_proj", "model.vision_tower.encoder.layers.0.self_attn.q_proj"}
+    assert len(asked.notices) == 1 and "their LoRA stays zero" in asked.notices[0]
     with_head = targets.resolve(["q_proj", "lm_head"], LLAMA)
     assert "lm_head" in with_head.modules
     with pytest.raises(AfinarError, match="outside the decoder blocks"):
@@ -331,7 +424,7 @@ def backend_on(base, tokenizer, tmp_path, targets_list="[q_proj,v_proj,down_proj
 def hf_labels_loss(backend, batch) -> float:
     from tests.test_torch_backend import hf_batch
 
-    ids, attn, labels = hf_batch(batch, backend.tokenizer.pad_token_id)
+    ids, attn, labels = hf_batch(batch, data.pad_id(backend.tokenizer))  # Mistral's has no pad token
     with torch.no_grad():
         return float(backend.model(input_ids=ids, attention_mask=attn, labels=labels).loss)
 

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Callable
 
+from afinar import targets as lora_targets
 from afinar.backends import mlx_config
 from afinar.backends.mlx_model import MLXModel
 from afinar.models import ResolvedModel
@@ -34,7 +35,8 @@ class MLXAnswerer(MLXModel):
         """Base + adapter folded into full-precision weights, saved as a plain HF folder.
 
         Quantized layers are dequantized first and never re-quantized: rounding W + BA back to
-        4 bits can erase the fine-tune. mlx-lm's module paths are the HF parameter names.
+        4 bits can erase the fine-tune. mlx-lm's module paths are the HF parameter names (a
+        multimodal checkpoint's as its files name them, which transformers renames on load).
         """
         from mlx.utils import tree_flatten, tree_unflatten
         from mlx_lm.utils import dequantize_model
@@ -44,6 +46,7 @@ class MLXAnswerer(MLXModel):
         self.model.update_modules(tree_unflatten(fused))
         dequantize_model(self.model)
         weights = dict(tree_flatten(self.model.parameters()))
+        weights.update(self._tower_weights())
         mx.save_safetensors(str(Path(folder) / "model.safetensors"), weights, metadata={"format": "pt"})
         config = json.loads((self.base_path / "config.json").read_text())
         for key in ("quantization", "quantization_config"):
@@ -53,4 +56,12 @@ class MLXAnswerer(MLXModel):
         mlx_config.add_mlx_keys(Path(folder) / "config.json")  # plain mlx_lm.load(OUT) reads the rope right
         if (self.base_path / "generation_config.json").is_file():
             (Path(folder) / "generation_config.json").write_bytes((self.base_path / "generation_config.json").read_bytes())
+
+    def _tower_weights(self) -> dict:
+        """A multimodal base's vision tower and projector as saved: mlx-lm drops them at load (it runs the
+        language model only), and the export must stay the complete checkpoint. Never adapted on MLX."""
+        out = {}
+        for file in sorted(self.base_path.glob("*.safetensors")):
+            out.update({k: v for k, v in self.mx.load(str(file)).items() if lora_targets.in_tower(k)})
+        return out
 

@@ -62,6 +62,9 @@ def mlx_keys(config: dict, source: str = "config.json", runtime: bool = True) ->
     longrope models their short factors, the ones transformers uses up to
     original_max_position_embeddings tokens, where mlx-lm would apply the long ones.
     """
+    text = config.get("text_config")
+    if isinstance(text, dict):
+        return _multimodal_keys(config, text, source, runtime)
     out: dict = {}
     params = config.get("rope_parameters")
     if isinstance(params, dict) and params:
@@ -80,6 +83,19 @@ def mlx_keys(config: dict, source: str = "config.json", runtime: bool = True) ->
         # mlx-lm's SuScaledRoPE applies long_factor at every length; transformers applies short_factor up to
         # original_max_position_embeddings tokens (4096 for Phi-3.5/Phi-4-mini), where training and answers are.
         out["rope_scaling"] = {**scaling, "long_factor": scaling["short_factor"]}
+    return out
+
+
+def _multimodal_keys(config: dict, text: dict, source: str, runtime: bool) -> dict:
+    """A multimodal checkpoint: mlx-lm builds its language model from `text_config` (and drops the
+    vision tower), so the keys go there; mlx-lm's gemma3 also takes the vocabulary size from the top
+    level (default 262208, the real checkpoints'), which transformers keeps in text_config only."""
+    out: dict = {}
+    inner = mlx_keys(text, f"{source} text_config", runtime)
+    if inner:
+        out["text_config"] = {**text, **inner}
+    if "vocab_size" in text and "vocab_size" not in config:
+        out["vocab_size"] = text["vocab_size"]
     return out
 
 

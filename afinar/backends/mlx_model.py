@@ -132,9 +132,10 @@ class MLXModel:
             grad_checkpoint(layers[0])  # mlx-lm's way: recompute each block's activations in backward
         self.num_layers = len(layers)
         lora = self.cfg.lora
-        # The same resolution as the torch backend (targets.py): fused qkv_proj, all-linear, clear errors.
+        # The same resolution as the torch backend (targets.py): fused qkv_proj, all-linear, clear errors;
+        # on transformers' names, which the adapter files use (adapters.hf_path).
         self.targets = lora_targets.resolve(lora.target_modules, [
-            n for n, m in net.named_modules() if isinstance(m, (nn.Linear, nn.QuantizedLinear))])
+            adapters.hf_path(n) for n, m in net.named_modules() if isinstance(m, (nn.Linear, nn.QuantizedLinear))])
         for notice in self.targets.notices:
             log.warning(notice)
         keys = self.targets.block_keys()
@@ -172,7 +173,7 @@ class MLXModel:
         weights = load_file(str(folder / adapters.PEFT_WEIGHTS))
         modules = self._lora_modules()
         for name, module in modules.items():
-            prefix = f"{adapters.PEFT_PREFIX}{name}"
+            prefix = f"{adapters.PEFT_PREFIX}{adapters.hf_path(name)}"
             try:
                 a, b = weights.pop(f"{prefix}.lora_A.weight"), weights.pop(f"{prefix}.lora_B.weight")
             except KeyError:
@@ -222,7 +223,7 @@ class MLXModel:
     def _peft_weights(self) -> dict[str, np.ndarray]:
         out = {}
         for name, module in self._lora_modules().items():
-            prefix = f"{adapters.PEFT_PREFIX}{name}"
+            prefix = f"{adapters.PEFT_PREFIX}{adapters.hf_path(name)}"
             out[f"{prefix}.lora_A.weight"] = np.ascontiguousarray(np.array(module.lora_a.astype(self.mx.float32)).T)
             out[f"{prefix}.lora_B.weight"] = np.ascontiguousarray(np.array(module.lora_b.astype(self.mx.float32)).T)
         return out

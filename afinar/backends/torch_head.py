@@ -60,8 +60,11 @@ def _transform_of(cls: type) -> Transform | None:
 
 
 def head_transform(model) -> Transform | None:
-    """`f(model, lm_head(h))` equal to the logits `model`'s forward returns for hidden states `h` of
-    `model.model`; None when the forward does something else (the caller then runs the full forward)."""
-    if not hasattr(model, "get_decoder") or model.get_decoder() is not getattr(model, "model", None):
+    """`f(model, lm_head(h))` equal to the logits `model`'s forward returns for hidden states `h` =
+    `model.model(...)[0]`; None when the forward does something else (the caller then runs the full forward).
+
+    `model.model` is the decoder, or a multimodal checkpoint's text+vision model, which for text-only
+    input returns its language model's hidden states: the same head step either way."""
+    if not isinstance(getattr(model, "model", None), torch.nn.Module):
         return None
     return _transform_of(type(model))

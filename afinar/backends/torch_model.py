@@ -46,7 +46,7 @@ def load_base(cfg: Config, model: ResolvedModel, device: torch.device, dtype: to
     `quant_storage`: the dtype bitsandbytes packs 4-bit weights into (FSDP shards floating-point
     tensors only, all of one dtype per unit: bitsandbytes' FSDP-QLoRA guide).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer, PretrainedConfig
 
     quantize = cfg.model.quantization != "none"  # 'int4' too: bitsandbytes trains NF4 only
     if quantize and device.type == "mps":
@@ -68,7 +68,8 @@ def load_base(cfg: Config, model: ResolvedModel, device: torch.device, dtype: to
         kwargs["device_map"] = {"": device.index or 0}
     try:
         tokenizer = AutoTokenizer.from_pretrained(model.path)
-        base = AutoModelForCausalLM.from_pretrained(model.path, **kwargs)
+        model_type = PretrainedConfig.get_config_dict(model.path)[0].get("model_type", "")
+        base = lm_class(model_type).from_pretrained(model.path, **kwargs)
     except OSError as e:
         if model.source == "hub":
             raise hub_load_error(model.name, e) from None
@@ -82,6 +83,20 @@ def load_base(cfg: Config, model: ResolvedModel, device: torch.device, dtype: to
     if tokenizer.eos_token_id is None:
         raise AfinarError(f"The tokenizer of {model.name!r} has no EOS token: answers could never end.")
     return base, tokenizer
+
+
+def lm_class(model_type: str):
+    """transformers' auto class that generates text for `model_type`: AutoModelForCausalLM, or
+    AutoModelForImageTextToText for a multimodal checkpoint transformers maps only there
+    (Mistral3ForConditionalGeneration; Gemma-3's is in both). Either takes text-only input, and keeps
+    the checkpoint's module names, so the adapter loads with plain PEFT on the same class."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                                                        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES)
+
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
+        return AutoModelForImageTextToText
+    return AutoModelForCausalLM
 
 
 def _saved_quantization(cfg: Config, model: ResolvedModel, quant_storage: torch.dtype) -> str | None:
@@ -168,7 +183,7 @@ def loss_sum(model, batch: list[data.Encoded], pad: int, device: torch.device,
     # kernel that expands the mask per head (3 GB on a 7B step).
     with precision or contextlib.nullcontext():
         if transform is not None:
-            hidden = base.get_decoder()(input_ids=ids).last_hidden_state
+            hidden = base.model(input_ids=ids)[0]  # as the forward does (torch_head.py checks its source)
             logits = transform(base, head(hidden.reshape(-1, hidden.shape[-1]).index_select(0, where)))
         else:
             logits = model(input_ids=ids).logits

@@ -191,7 +191,8 @@ class TorchTrainer:
     def model_facts(self) -> memory.ModelFacts:
         from peft.tuners.lora import LoraLayer
 
-        config = self.model.get_base_model().config
+        # A multimodal checkpoint's config nests the language model's shape (text_config); plain ones return themselves.
+        config = self.model.get_base_model().config.get_text_config(decoder=True)
         params = list(self.model.parameters())
         lora = [p for p in params if p.requires_grad]
         return memory.ModelFacts(
