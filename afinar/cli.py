@@ -323,7 +323,9 @@ def export(
         if output is not None:
             raise AfinarError("--output goes with --to; with --merged, the folder is the value of --merged.")
         path = E.export_merged(source, merged, overwrite, backend, verify=not no_verify)
-        console.print(f"Merged model written to {path} (load it with AutoModelForCausalLM.from_pretrained, vLLM or mlx_lm.load)")
+        from afinar.models import auto_class_name
+
+        console.print(f"Merged model written to {path} (load it with {auto_class_name(path)}.from_pretrained, vLLM or mlx_lm.load)")
 
 
 @app.command("config")

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from afinar.config import Config
+from afinar.models import auto_class_name
 
 
 def _one_line(text: str) -> str:
@@ -23,6 +24,8 @@ def integration_guide(output: Path, cfg: Config, metadata: dict, question: str) 
     q = _one_line(question)
     loss = metadata.get("final_val_loss")
     loss_line = f"Final validation loss: {loss:.4f}. " if isinstance(loss, (int, float)) else ""
+    base_path = metadata.get("base_model", {}).get("path", cfg.model.base)
+    auto = auto_class_name(base_path)
     return f"""# Integration guide: `{name}`
 
 Base model `{cfg.model.base}`, {cfg.method.upper()} (quantization `{cfg.model.quantization}`, LoRA rank {cfg.lora.rank} on {", ".join(cfg.lora.target_modules)}).
@@ -48,9 +51,9 @@ print(bot.ask("{q}"))
 
 ## Plain PEFT (no afinar needed)
 ```python
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import {auto}, AutoTokenizer
 from peft import PeftModel
-base = AutoModelForCausalLM.from_pretrained("{metadata.get("base_model", {}).get("path", cfg.model.base)}")
+base = {auto}.from_pretrained("{base_path}")
 model = PeftModel.from_pretrained(base, "{output}")
 ```
 {"For this QLoRA run, pass the same `BitsAndBytesConfig` as training (NF4, double quant: see `qlora_config.json`) to `from_pretrained` to compute exactly what was trained; afinar itself answers on CPU with the NF4 weights dequantized and the adapter merged, which is the same function." if cfg.method == "qlora" else ""}
@@ -58,7 +61,7 @@ model = PeftModel.from_pretrained(base, "{output}")
 ## Apple Silicon: plain mlx-lm (no afinar needed)
 ```python
 from mlx_lm import load, generate
-model, tokenizer = load("{metadata.get("base_model", {}).get("path", cfg.model.base)}", adapter_path="{output}/mlx")
+model, tokenizer = load("{base_path}", adapter_path="{output}/mlx")
 ```
 `afinar export {output} --merged OUT` writes base + adapter as one plain Hugging Face model
 (dequantized, full precision) for transformers, vLLM or `mlx_lm.load(OUT)`.

@@ -41,6 +41,19 @@ class ResolvedModel:
         return self.source != "hub"
 
 
+def auto_class_name(folder: str | Path) -> str:
+    """The transformers auto class a user loads a saved model folder with (in messages and guides):
+    AutoModelForImageTextToText for a multimodal checkpoint (`...ForConditionalGeneration`: some,
+    Mistral-Small-3's, are mapped only there), else AutoModelForCausalLM. A hub id or unreadable
+    folder: AutoModelForCausalLM."""
+    try:
+        config = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return "AutoModelForCausalLM"
+    arch = (config.get("architectures") or [""])[0]
+    return "AutoModelForImageTextToText" if arch.endswith("ForConditionalGeneration") else "AutoModelForCausalLM"
+
+
 def resolve(base: str) -> ResolvedModel:
     """Turn `model.base` into something `from_pretrained` can open, materialising GGUF once."""
     if base in EMBEDDED:

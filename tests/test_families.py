@@ -257,6 +257,13 @@ def test_multimodal_merged_export_is_the_complete_checkpoint(name, backend, runs
     assert want and got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
     ids = probe_ids(AutoTokenizer.from_pretrained(out))
     assert_close(hf_logits(out, ids), hf_logits(base, ids, adapter=run), f"{backend} merged export vs PEFT")
+    # The class the CLI's message and the run's INTEGRATION_GUIDE.md name loads it (AutoModelForCausalLM does not
+    # know Mistral3ForConditionalGeneration).
+    from afinar.models import auto_class_name
+
+    assert auto_class_name(out) == auto_class_name(base) == "AutoModelForImageTextToText"
+    guide = (run / "INTEGRATION_GUIDE.md").read_text(encoding="utf-8")
+    assert "base = AutoModelForImageTextToText.from_pretrained(" in guide
 
 
 @pytest.mark.parametrize("name", MULTIMODAL)
