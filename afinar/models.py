@@ -45,7 +45,9 @@ def auto_class_name(folder: str | Path) -> str:
     """The transformers auto class a user loads a saved model folder with (in messages and guides):
     AutoModelForImageTextToText for a multimodal checkpoint (`...ForConditionalGeneration`: some,
     Mistral-Small-3's, are mapped only there), else AutoModelForCausalLM. A hub id or unreadable
-    folder: AutoModelForCausalLM."""
+    folder: AutoModelForCausalLM. Read from config.json, without importing transformers' model registry
+    (which imports torch): `backends.torch_model.lm_class` is the loader's own choice; where they differ
+    (Gemma-3, in both registries) either class loads the checkpoint (tests/test_families.py)."""
     try:
         config = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
