@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass
 from typing import Iterator, Protocol
 
-from afinar import data, distributed
+from afinar import batches, data, distributed
 from afinar.config import Config
 from afinar.errors import AfinarError
 
@@ -70,7 +70,7 @@ def micro_batches(prepared: Prepared, cfg: Config) -> Iterator[tuple[int, list[d
 def epoch_batches(prepared: Prepared, cfg: Config, epoch: int = 0) -> list[list[int]]:
     t = cfg.train
     lengths = [len(e.input_ids) for e in prepared.train]
-    return data.batch_order(lengths, t.batch_size, t.seed, epoch, t.group_by_length, t.batch_tokens)
+    return batches.batch_order(lengths, t.batch_size, t.seed, epoch, t.group_by_length, t.batch_tokens)
 
 
 def total_steps(cfg: Config, n_train: int, batches_per_epoch: int | None = None) -> int:

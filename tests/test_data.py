@@ -7,7 +7,8 @@ import json
 import pytest
 
 from afinar import data
-from afinar.data import Example, batch_order, encode, normalise, prompt_ids, read_jsonl, split_file
+from afinar.batches import batch_order
+from afinar.data import Example, encode, normalise, prompt_ids, read_jsonl, split_file
 from afinar.errors import AfinarError
 
 from conftest import DATA_DIR, write_jsonl

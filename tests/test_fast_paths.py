@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from afinar import data, models
+from afinar import batches, data, models
 from afinar import events as E
 from afinar.backends import fast_decode, torch_fast
 from afinar.backends.torch_answer import TorchAnswerer
@@ -21,16 +21,16 @@ from tests.test_torch_backend import PAIRS, encoded_batch, grads, randomise_lora
 
 def test_token_budget_batches():
     lengths = [(i * 37) % 300 + 20 for i in range(500)]
-    a = data.batch_order(lengths, 64, seed=3, epoch=0, group_by_length=False, max_tokens=1024)
-    assert a == data.batch_order(lengths, 64, seed=3, epoch=0, group_by_length=False, max_tokens=1024)
+    a = batches.batch_order(lengths, 64, seed=3, epoch=0, group_by_length=False, max_tokens=1024)
+    assert a == batches.batch_order(lengths, 64, seed=3, epoch=0, group_by_length=False, max_tokens=1024)
     assert sorted(i for b in a for i in b) == list(range(500))  # every example once
     assert all(len(b) <= 64 and len(b) * max(lengths[i] for i in b) <= 1024 for b in a)
     padded = sum(len(b) * max(lengths[i] for i in b) for b in a)
     assert padded < 1.1 * sum(lengths)  # grouped by length: under 10% padding
     assert len(a) < 500 / 4  # short examples share batches: far fewer than one per example
-    assert data.batch_order(lengths, 64, seed=3, epoch=1, group_by_length=False, max_tokens=1024) != a
+    assert batches.batch_order(lengths, 64, seed=3, epoch=1, group_by_length=False, max_tokens=1024) != a
     # An example longer than the budget still trains, alone.
-    assert data.batch_order([5, 2000, 5], 8, 0, 0, False, max_tokens=100).count([1]) == 1
+    assert batches.batch_order([5, 2000, 5], 8, 0, 0, False, max_tokens=100).count([1]) == 1
 
 
 def test_token_budget_training_run(make_cfg, qa_files, tmp_path):

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from afinar import data, models
+from afinar import batches, data, models
 from afinar.backends.torch_answer import TorchAnswerer
 from afinar.backends.torch_train import TorchTrainer
 from afinar.data import IGNORE, Example
@@ -231,7 +231,7 @@ def test_sampling_depends_on_seed(make_cfg, tiny_model, tmp_path):
 
 def test_pad_batch_pads_and_ignores(tiny_tokenizer):
     batch = encoded_batch(tiny_tokenizer)
-    p = data.pad_batch(batch, tiny_tokenizer.eos_token_id)
+    p = batches.pad_batch(batch, tiny_tokenizer.eos_token_id)
     short = min(range(2), key=lambda r: len(batch[r].input_ids))
     n = len(batch[short].input_ids)
     assert p.attention[short, :n].all() and not p.attention[short, n:].any()

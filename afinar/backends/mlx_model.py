@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from afinar import adapters, data, hardware, models
+from afinar import adapters, batches, data, hardware, models
 from afinar import targets as lora_targets
 from afinar.backends import mlx_config
 from afinar.config import Config
@@ -192,7 +192,7 @@ class MLXModel:
         mlx-lm models take no padding mask; with right padding and causal attention, pad
         tokens come after every real token and so cannot change any real position's output.
         """
-        p = data.pad_batch(batch, data.pad_id(self.tokenizer))
+        p = batches.pad_batch(batch, data.pad_id(self.tokenizer))
         mx = self.mx
         return mx.array(p.ids.astype(np.int32)), mx.array(p.positions.astype(np.int32)), mx.array(p.labels.astype(np.int32))
 

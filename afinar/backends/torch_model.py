@@ -11,7 +11,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from afinar import data, hardware
+from afinar import batches, data, hardware
 from afinar import targets as lora_targets
 from afinar.backends import torch_head
 from afinar.config import Config
@@ -168,7 +168,7 @@ def loss_sum(model, batch: list[data.Encoded], pad: int, device: torch.device,
     """
     # Which positions are targets is known on the CPU: selecting them by index keeps the GPU queue
     # full (a boolean mask or a count on the GPU would wait for it to drain).
-    p = data.pad_batch(batch, pad)
+    p = batches.pad_batch(batch, pad)
     where = torch.from_numpy(p.positions).to(device)
     labels = torch.from_numpy(p.labels).to(device)
     ids = torch.from_numpy(p.ids).to(device)
