@@ -91,6 +91,13 @@ MISTRAL3_VISION = dict(vision_config=dict(model_type="pixtral", hidden_size=32, 
                        spatial_merge_size=2, tie_word_embeddings=False)
 PHI_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
 
+# Gemma-3's language model: the text-only family and the image-text checkpoint's text_config alike.
+GEMMA3_TEXT = dict(
+    head_dim=16, query_pre_attn_scalar=24, tie_word_embeddings=True, sliding_window=512,
+    layer_types=["sliding_attention", "full_attention"],
+    rope_parameters={"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 60000.0},
+                     "sliding_attention": {"rope_type": "default", "rope_theta": 7000.0}})
+
 FAMILIES: dict[str, Family] = {f.name: f for f in [
     Family("llama3", "llama", dict(
         head_dim=16, max_position_embeddings=131072, tie_word_embeddings=False,
@@ -122,18 +129,10 @@ FAMILIES: dict[str, Family] = {f.name: f for f in [
         tie_word_embeddings=True, rope_parameters={"rope_type": "default", "rope_theta": 50000.0}),
         "gemma-2.jinja", bos="<bos>", eos="<eos>", pad="<pad>", specials=GEMMA_TOKENS,
         generation_eos=("<eos>", "<end_of_turn>")),
-    Family("gemma3", "gemma3_text", dict(
-        head_dim=16, query_pre_attn_scalar=24, tie_word_embeddings=True, sliding_window=512,
-        layer_types=["sliding_attention", "full_attention"],
-        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 60000.0},
-                         "sliding_attention": {"rope_type": "default", "rope_theta": 7000.0}}),
+    Family("gemma3", "gemma3_text", GEMMA3_TEXT,
         "gemma-3.jinja", bos="<bos>", eos="<eos>", pad="<pad>", specials=GEMMA_TOKENS,
         generation_eos=("<eos>", "<end_of_turn>")),
-    Family("gemma3-vision", "gemma3", dict(
-        head_dim=16, query_pre_attn_scalar=24, tie_word_embeddings=True, sliding_window=512,
-        layer_types=["sliding_attention", "full_attention"],
-        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 60000.0},
-                         "sliding_attention": {"rope_type": "default", "rope_theta": 7000.0}}),
+    Family("gemma3-vision", "gemma3", GEMMA3_TEXT,
         "gemma-3.jinja", bos="<bos>", eos="<eos>", pad="<pad>", specials=(*GEMMA_TOKENS, *(t for _, t in GEMMA3_IMAGE_TOKENS)),
         generation_eos=("<eos>", "<end_of_turn>"), vision=GEMMA3_VISION,
         image_tokens=GEMMA3_IMAGE_TOKENS),
