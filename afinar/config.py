@@ -156,6 +156,13 @@ class ServeConfig(_Section):
         "auto", description="'auto': the engine's static-KV-slot runner (CUDA graphs on CUDA) for merged Llama/Mistral/Qwen2 "
         "models; 'off': the model's own forward with a cache per row, everywhere."
     )
+    step: Literal["auto", "flat", "split"] = Field(
+        "auto", description="How the fast runner builds an engine step. 'flat': the prompt chunks and one token of every "
+        "decoding row in one forward, each row attending over its own keys (afinar/engine/torch_flat.py); "
+        "'split': a prefill forward, then a decode step over the longest row's keys (torch_runner.py; on CPU, "
+        "a row's tokens are the same alone or in any batch). 'auto': flat on CUDA where the FlashAttention "
+        "varlen kernel runs, else split."
+    )
     body_timeout_s: float = Field(30.0, gt=0, description="A client that takes longer than this to send its body gets 408.")
     keep_alive_s: float = Field(5.0, gt=0, description="An idle keep-alive connection is closed after this many seconds.")
     drain_seconds: float = Field(

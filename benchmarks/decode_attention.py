@@ -12,7 +12,14 @@ the 7B shape (32 query heads, 8 KV heads, head dim 128, bf16), each in its own C
 - `flex_per_row`: FlexAttention (`torch.compile`d) with a block mask built from each row's
   length (`BlockMask.from_kv_blocks`), so a row reads only the 128-key blocks it has.
 
-It checks that flex and SDPA agree on the same inputs (max |difference|) before timing.
+- `flash_varlen_per_row` (CUDA): what `serve.step: flat` runs (afinar/engine/torch_varlen.py):
+  PyTorch's FlashAttention-2 varlen kernel over the cache laid out [rows x keys, kv heads, d],
+  each row its own length (`seqused_k`): no padding read, but one thread block per (row, KV
+  head) walks all of a long row's keys;
+- `flash_varlen_split` (CUDA): the same kernel with every row cut into `--split`-key pieces, each
+  piece a sequence of its own (the row's query repeated), merged by their log-sum-exps: split-KV
+  decoding (FlashDecoding) from the stock kernel, the next lever.
+It checks that every variant agrees with SDPA on the same inputs (max |difference|) before timing.
 
     python benchmarks/decode_attention.py --out benchmarks/results/DATE-h200-decode-attention.json
     python benchmarks/decode_attention.py --rows 4 --layers 2    # CPU smoke run (eager, no graphs)
@@ -110,6 +117,7 @@ def main(argv=None) -> None:
     p.add_argument("--short-keys", type=int, default=200)
     p.add_argument("--bucket", type=int, default=2048, help="The longest row's key bucket.")
     p.add_argument("--layers", type=int, default=32)
+    p.add_argument("--split", type=int, default=256, help="Keys per piece in flash_varlen_split.")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     cuda = torch.cuda.is_available()
@@ -154,6 +162,56 @@ def main(argv=None) -> None:
         result["ms_per_step"]["flex_per_row"] = timed(graphed(flex))
     except Exception as e:  # noqa: BLE001 - the lever's own failure is a result too
         result["flex_error"] = f"{type(e).__name__}: {str(e)[:800]}"
+    if cuda:
+        from afinar.engine import torch_varlen
+
+        flat_k = [k.transpose(1, 2).reshape(b * n, kv, d).contiguous() for k in ks]
+        flat_v = [v.transpose(1, 2).reshape(b * n, kv, d).contiguous() for v in vs]
+        q3 = q[:, :, 0].contiguous()  # [rows, heads, d]
+        i32 = dict(device=dev, dtype=torch.int32)
+        cu_q, cu_k = torch.arange(b + 1, **i32), torch.arange(b + 1, **i32) * n
+        want = sdpa(q, ks[0], vs[0], mask, scale).float()
+
+        def per_row(i):
+            return torch_varlen.flash(q3, flat_k[i], flat_v[i], cu_q, cu_k, lengths, 1, n, scale)
+
+        try:
+            result["flash_varlen_vs_sdpa_max_abs_diff"] = float((per_row(0).reshape(b, 1, -1).float() - want).abs().max())
+
+            def flash_rows():
+                for i in range(args.layers):
+                    out.copy_(per_row(i).reshape(b, 1, -1))
+            result["ms_per_step"]["flash_varlen_per_row"] = timed(graphed(flash_rows))
+        except Exception as e:  # noqa: BLE001
+            result["flash_varlen_error"] = f"{type(e).__name__}: {str(e)[:800]}"
+        c = args.split
+        J = n // c
+        qs = q3.repeat_interleave(J, dim=0)  # [rows x pieces, heads, d]
+        cu_qs = torch.arange(b * J + 1, **i32)
+        piece = torch.arange(J, device=dev)
+        starts = (torch.arange(b, device=dev)[:, None] * n + piece[None, :] * c).reshape(-1)
+        cu_ks = torch.cat([starts, starts[-1:]]).to(torch.int32)
+        used = (lengths[:, None] - piece[None, :] * c).clamp(0, c).reshape(-1).to(torch.int32)
+        empty = (used == 0).view(1, b, J)
+
+        def split_row(i):
+            o, lse = torch.ops.aten._flash_attention_forward(
+                qs, flat_k[i], flat_v[i], cu_qs, cu_ks, 1, c, 0.0, True, False, scale=scale, seqused_k=used)[:2]
+            lse = lse.reshape(heads, b, J).masked_fill(empty, float("-inf"))  # empty pieces weigh nothing
+            w = torch.softmax(lse, dim=-1)  # [heads, rows, pieces]
+            o = o.view(b, J, heads, d).float()
+            return torch.einsum("hbj,bjhd->bhd", w, o).to(dtype)
+
+        try:
+            result["flash_varlen_split_vs_sdpa_max_abs_diff"] = float(
+                (split_row(0).reshape(b, 1, -1).float() - want).abs().max())
+
+            def flash_split():
+                for i in range(args.layers):
+                    out.copy_(split_row(i).reshape(b, 1, -1))
+            result["ms_per_step"][f"flash_varlen_split{c}"] = timed(graphed(flash_split))
+        except Exception as e:  # noqa: BLE001
+            result["flash_varlen_split_error"] = f"{type(e).__name__}: {str(e)[:800]}"
     kv_bytes = lambda keys: 2 * args.layers * kv * keys * d * torch.finfo(dtype).bits // 8  # noqa: E731
     result["kv_bytes_read"] = {"longest_bucket": b * kv_bytes(n),
                                "own_blocks": int(sum(kv_bytes(-(-int(x) // BLOCK) * BLOCK) for x in lengths.tolist()))}

@@ -6,7 +6,8 @@ through plain transformers generate), and sends the same requests to each with A
 streamed, at every concurrency level. The prompts are a fixed mix: the bundled validation
 questions, and every `--long-every`-th request a prompt of `--long-tokens` tokens.
 
-Per engine and level: aggregate generated tokens/s (completion tokens / wall time), time to
+Per engine and level: aggregate generated tokens/s (completion tokens / wall time; and, with
+`--level-seconds`, `steady_tokens_per_s`: only while the clients kept the level's concurrency), time to
 first token p50/p95 (first streamed content), inter-token latency p50/p95 (per request: the
 time after its first token divided by its other tokens), request latency, errors, and the
 server's RSS from /metrics after the warm-up and at the end. Then the head-of-line case: the
@@ -123,6 +124,21 @@ class Tally:
         self.ttft, self.itl, self.latency, self.tokens, self.errors, self.wall, self.sent = [], [], [], 0, [], 0.0, 0
         self.cut = 0  # requests not sent: the level's --level-seconds ran out
         self.ttft_short = []  # time to first token of the short prompts only
+        self.streams = []  # per request: (completion tokens, wall-clock times of its content chunks)
+        self.windows = []  # per client process and round: (start, end) of its sending window, wall clock
+
+    def steady(self) -> dict:
+        """Generated tokens/s while every client process was still sending (the level held its
+        concurrency): the level's wall time above also counts the tail, when the last requests finish
+        with fewer and fewer in flight. Each request's tokens are spread over its streamed chunks
+        (one chunk per token, but a token whose text is not complete yet waits for the next)."""
+        windows = [(a, b) for a, b in self.windows if b > a]  # rounds run one after the other: no overlap
+        length = sum(b - a for a, b in windows)
+        if length <= 0:
+            return {}
+        tokens = sum(n * sum(any(a <= t <= b for a, b in windows) for t in times) / len(times)
+                     for n, times in self.streams if times)
+        return {"steady_tokens_per_s": round(tokens / length, 1), "steady_window_s": round(length, 2)}
 
     def summary(self) -> dict:
         def pct(values, p):
@@ -135,6 +151,7 @@ class Tally:
                 "wall_s": round(self.wall, 2), "requests_per_s": round(ok / self.wall, 2) if self.wall else None,
                 "generated_tokens": self.tokens,
                 "generated_tokens_per_s": round(self.tokens / self.wall, 1) if self.wall else None,
+                **self.steady(),
                 "ttft_ms": {"p50": pct(self.ttft, 0.5), "p95": pct(self.ttft, 0.95)},
                 "ttft_short_prompts_ms": {"p50": pct(self.ttft_short, 0.5), "p95": pct(self.ttft_short, 0.95)},
                 "itl_ms": {"p50": pct(self.itl, 0.5), "p95": pct(self.itl, 0.95)},
@@ -147,12 +164,15 @@ async def one(client, messages, max_tokens: int, is_long: bool, tally: Tally) ->
     t0 = time.perf_counter()
     first = None
     tokens = 0
+    times = []
     try:
         stream = await client.chat.completions.create(model="run", messages=messages, max_tokens=max_tokens,
                                                       stream=True, stream_options={"include_usage": True})
         async for chunk in stream:
-            if chunk.choices and chunk.choices[0].delta.content and first is None:
-                first = time.perf_counter()
+            if chunk.choices and chunk.choices[0].delta.content:
+                times.append(time.time())
+                if first is None:
+                    first = time.perf_counter()
             if chunk.usage is not None:
                 tokens = chunk.usage.completion_tokens
     except Exception as e:  # noqa: BLE001 - every failure counts as an error of the engine measured
@@ -161,6 +181,7 @@ async def one(client, messages, max_tokens: int, is_long: bool, tally: Tally) ->
     end = time.perf_counter()
     tally.latency.append(end - t0)
     tally.tokens += tokens
+    tally.streams.append((tokens, times))
     if first is not None:
         tally.ttft.append(first - t0)
         if not is_long:
@@ -184,6 +205,7 @@ async def load(url: str, bodies: list[tuple[list[dict], int, bool]], concurrency
     results: list = [None] * len(bodies)
     queue = list(enumerate(bodies))
     t0 = time.perf_counter()
+    window = [time.time(), None]  # from the start until the first worker has nothing more to send
     sent = 0
 
     async def worker():
@@ -192,9 +214,11 @@ async def load(url: str, bodies: list[tuple[list[dict], int, bool]], concurrency
             i, (messages, n, is_long) = queue.pop(0)
             sent += 1
             results[i] = await one(client, messages, n, is_long, tally)
+        window[1] = window[1] or time.time()
 
     await asyncio.gather(*(worker() for _ in range(min(concurrency, len(bodies)))))
     tally.wall += time.perf_counter() - t0
+    tally.windows.append(tuple(window))
     tally.sent += sent
     tally.cut += len(queue)
     await client.close()
@@ -226,11 +250,13 @@ def load_split(url: str, bodies: list, concurrency: int, tally: Tally, seconds: 
     with multiprocessing.get_context("spawn").Pool(procs) as pool:
         done = pool.starmap(_load_part, [(url, part, share, seconds) for part, share in zip(parts, shares)])
     for d in done:
-        for key in ("ttft", "itl", "latency", "errors", "ttft_short"):
+        for key in ("ttft", "itl", "latency", "errors", "ttft_short", "streams"):
             getattr(tally, key).extend(d[key])
         tally.tokens += d["tokens"]
         tally.sent += d["sent"]
         tally.cut += d["cut"]
+    # the round held its concurrency while every process did
+    tally.windows.append((max(d["windows"][0][0] for d in done), min(d["windows"][0][1] for d in done)))
     tally.wall += max(d["wall"] for d in done)
 
 

@@ -16,6 +16,7 @@ from afinar import data
 from afinar.config import ServeConfig
 from afinar.engine import Draining, Request, RowError, SamplingParams, TEMPERATURE_FLOOR, build
 from afinar.engine.request import TextStream
+from afinar.engine.torch_flat import FlatRunner
 from afinar.engine.torch_generic import GenericRunner
 from afinar.engine.torch_runner import TorchRunner
 from afinar.engine.torch_sampling import choose, vocab_hashes
@@ -106,7 +107,9 @@ def test_pipelined_and_generic_runners_give_the_same_tokens(model, tiny_tokenize
 
     pipelined = Engine(TorchRunner(model, 8, 512, 32, pipeline=True), decode, reference.stop_ids)
     generic = Engine(GenericRunner(model, 8, 512, 32), decode, reference.stop_ids)
-    for engine in (pipelined, generic):
+    # one forward a step: decode rows and prompt chunks together (reference attention on CPU)
+    flat = Engine(FlatRunner(model, 8, 512, 32, pipeline=True), decode, reference.stop_ids)
+    for engine in (pipelined, generic, flat):
         again = run(engine, [fresh(r) for r in reqs])
         assert [r.tokens for r in again] == [r.tokens for r in reqs], type(engine.runner).__name__
 
@@ -138,9 +141,11 @@ def test_rows_join_and_leave_the_running_batch(model, tiny_tokenizer, words):
     assert engine.metrics()["queue_wait_ms"]["p95"] is not None
 
 
-def test_a_long_prompt_does_not_stall_short_ones(model, tiny_tokenizer, words):
+@pytest.mark.parametrize("step", ["split", "flat"])
+def test_a_long_prompt_does_not_stall_short_ones(model, tiny_tokenizer, words, step):
     tok = tiny_tokenizer
-    engine = build(model, tok, ServeConfig(max_batch_size=8, prefill_chunk=128, max_context=2048))
+    engine = build(model, tok, ServeConfig(max_batch_size=8, prefill_chunk=128, max_context=2048, step=step))
+    assert type(engine.runner) is {"split": TorchRunner, "flat": FlatRunner}[step]
     first_step, last_step = {}, {}
 
     def note(i):
@@ -304,8 +309,8 @@ def test_a_request_may_fill_its_kv_slot_exactly(model, tiny_tokenizer, words):
     decode = lambda ids: tok.decode(ids, skip_special_tokens=True)  # noqa: E731
     p = prompt(tok, words, 30, 3)
     expected = hf_greedy(model, p, 300 - len(p), tok.eos_token_id)
-    for pipeline in (False, True):
-        engine = Engine(TorchRunner(model, 4, 300, 64, pipeline=pipeline), decode, {tok.eos_token_id})
+    for runner, pipeline in [(r, p) for r in (TorchRunner, FlatRunner) for p in (False, True)]:
+        engine = Engine(runner(model, 4, 300, 64, pipeline=pipeline), decode, {tok.eos_token_id})
         assert engine.max_len == 300
         full = run(engine, [Request(p, SamplingParams(max_tokens=300 - len(p))),
                             Request(p[:10], SamplingParams(max_tokens=7))])[0]
@@ -313,3 +318,52 @@ def test_a_request_may_fill_its_kv_slot_exactly(model, tiny_tokenizer, words):
         assert len(full.prompt) + len(full.tokens) <= 300
         with pytest.raises(ValueError):
             engine.submit(Request(list(range(1, 301)), SamplingParams()))
+
+
+def test_flat_steps_pack_prompt_tokens_without_padding_and_use_few_shapes():
+    from afinar.engine.plan import PrefillQueue
+    from afinar.engine.torch_flat import prompt_sizes
+
+    q = PrefillQueue(64)
+    for slot, n in enumerate([40, 20, 30, 200]):
+        q.add(slot, list(range(1, n + 1)))
+    first = q.next(flat=True, max_rows=8)
+    # the budget is the sum of the chunks' tokens (20 + 30 = 50 <= 64; 40 more would not fit)
+    assert [(c.slot, len(c.tokens)) for c in first] == [(1, 20), (2, 30)]
+    assert sum(len(c.tokens) for c in first) <= 64
+    assert [(c.slot, len(c.tokens)) for c in q.next(flat=True, max_rows=1)] == [(0, 40)]
+    assert prompt_sizes(512) == (0, 16, 32, 64, 128, 256, 512)
+    assert prompt_sizes(100) == (0, 16, 32, 64, 100)
+
+
+def test_varlen_reference_attention_is_per_row_causal_attention(model):
+    """torch_varlen.reference (the CPU stand-in for the FlashAttention kernel) against SDPA on each row alone."""
+    import torch.nn.functional as F
+
+    from afinar.engine import torch_varlen
+
+    g = torch.Generator().manual_seed(0)
+    heads, kv, d, stride = 4, 2, 16, 50
+    k, v = (torch.randn((3 * stride, kv, d), generator=g) for _ in range(2))
+    q = torch.randn((1 + 6 + 1, heads, d), generator=g)
+    # row 0 decodes at key 17; slot 2 prefills 6 tokens at positions 10..15; slot 1 decodes at key 40
+    cu_q, cu_k = torch.tensor([0, 1, 7, 8]), torch.tensor([0, 2 * stride, stride, 0])
+    used = torch.tensor([18, 16, 41])
+    out = torch_varlen.reference(q, k, v, cu_q, cu_k, used, 6, stride, d**-0.5)
+
+    def alone(qs, start, n_keys):
+        keys = k[start:start + n_keys].transpose(0, 1).repeat_interleave(heads // kv, 0)[None]
+        values = v[start:start + n_keys].transpose(0, 1).repeat_interleave(heads // kv, 0)[None]
+        n_q = qs.shape[0]
+        mask = torch.ones(n_q, n_keys, dtype=torch.bool).tril(n_keys - n_q)
+        return F.scaled_dot_product_attention(qs.transpose(0, 1)[None], keys, values, attn_mask=mask)[0].transpose(0, 1)
+
+    torch.testing.assert_close(out[0:1], alone(q[0:1], 0, 18))
+    torch.testing.assert_close(out[1:7], alone(q[1:7], 2 * stride, 16))
+    torch.testing.assert_close(out[7:8], alone(q[7:8], stride, 41))
+
+
+def test_serve_step_picks_the_runner(model, tiny_tokenizer):
+    assert type(build(model, tiny_tokenizer, ServeConfig()).runner) is TorchRunner  # CPU: auto is split
+    assert type(build(model, tiny_tokenizer, ServeConfig(step="flat")).runner) is FlatRunner
+    assert build(model, tiny_tokenizer, ServeConfig(step="flat")).runner.attention.__name__ == "reference"

@@ -112,7 +112,7 @@ class DecoderStack:
         self.layers = list(self.inner.layers)
         config = model.config
         attn = self.layers[0].self_attn
-        self.head_dim = getattr(attn, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.head_dim = self.head_dim_of(model)
         self.n_kv = config.num_key_value_heads
         self.scale = getattr(attn, "scaling", self.head_dim**-0.5)
         window = getattr(config, "sliding_window", None)
@@ -137,6 +137,11 @@ class DecoderStack:
             self.act = compiled(swiglu, self.device, (1, 1, self.ffn), (1, 1, self.ffn), backward=False)
             d = self.head_dim
             self.rope = compiled(_rope, self.device, (1, 4, 1, d), (1, 2, 1, d), (1, 1, 1, d), (1, 1, 1, d), backward=False)
+
+    @staticmethod
+    def head_dim_of(model) -> int:
+        config, attn = model.config, model.model.layers[0].self_attn
+        return getattr(attn, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
     def unfuse(self) -> None:
         """Give every layer its own weight storage again (see `unfuse`)."""

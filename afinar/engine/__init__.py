@@ -3,7 +3,11 @@
   request.py        SamplingParams, Request (tokens, streamed text, stop strings), framework-free
   scheduler.py      Engine: admission, one step at a time, per-row finish and failure, drain, metrics
   plan.py           the Runner protocol, prefill chunking and shape buckets, framework-free
-  torch_runner.py   static KV slots and CUDA-graph decode steps (merged Llama/Mistral/Qwen2)
+  torch_flat.py     static KV slots, prompt chunks and decode rows in one CUDA-graph forward (merged
+                    Llama/Mistral/Qwen2; the default on CUDA)
+  torch_varlen.py   its attention: every row over its own keys (FlashAttention varlen; SDPA reference)
+  torch_runner.py   static KV slots, a prefill forward then a CUDA-graph decode step (the same families;
+                    CPU's default: a row's tokens are the same alone or in any batch)
   torch_generic.py  any other torch model, through its own forward, a cache per row
   torch_sampling.py per-row greedy / seeded top-p choice on the device
   mlx_runner.py     mlx-lm's BatchGenerator with a sampler per request
@@ -23,7 +27,8 @@ from afinar.engine.scheduler import Draining, Engine, QueueFull
 
 
 def make_torch_runner(model, cfg: ServeConfig) -> Runner:
-    """`TorchRunner` for a merged model of a family it knows (CUDA or CPU), else `GenericRunner`."""
+    """For a merged model of a family it knows (CUDA or CPU): `FlatRunner` or `TorchRunner` (`serve.step`);
+    else `GenericRunner`."""
     from afinar.backends import fast_decode
 
     device = next(model.parameters()).device
@@ -31,6 +36,17 @@ def make_torch_runner(model, cfg: ServeConfig) -> Runner:
     fast = cfg.fast_paths != "off" and device.type in ("cuda", "cpu") \
         and not model.training and fast_decode.supported(model)
     if fast:
+        from afinar.engine import torch_varlen
+
+        flat = cfg.step == "flat"
+        if cfg.step == "auto":
+            c = model.config
+            flat = torch_varlen.flash_works(device, model.lm_head.weight.dtype, c.num_attention_heads,
+                                            c.num_key_value_heads, fast_decode.DecoderStack.head_dim_of(model))
+        if flat:
+            from afinar.engine.torch_flat import FlatRunner
+
+            return FlatRunner(model, cfg.max_batch_size, cfg.max_context, cfg.prefill_chunk)
         from afinar.engine.torch_runner import TorchRunner
 
         return TorchRunner(model, cfg.max_batch_size, cfg.max_context, cfg.prefill_chunk)

@@ -98,13 +98,21 @@ class PrefillQueue:
     def __len__(self) -> int:
         return len(self.rows)
 
-    def next(self) -> list[Chunk]:
+    def next(self, flat: bool = False, max_rows: int | None = None) -> list[Chunk]:
+        """This step's chunks. `flat`: the runner packs tokens without padding, so the budget is
+        their sum (not rows x longest); `max_rows`: at most that many rows."""
         order = sorted(self.rows.items(), key=lambda kv: (kv[1][2] < self.patience, len(kv[1][0]) - kv[1][1]))
         chunks: list[Chunk] = []
-        width = 0
+        width = total = 0
         for slot, (prompt, done, _) in order:
             n = min(len(prompt) - done, self.chunk)
-            if chunks and (len(chunks) + 1) * max(width, n) > self.chunk:
+            if max_rows is not None and len(chunks) >= max_rows:
+                break
+            if flat:
+                if chunks and total + n > self.chunk:
+                    continue
+                total += n
+            elif chunks and (len(chunks) + 1) * max(width, n) > self.chunk:
                 continue
             width = max(width, n)
             chunks.append(Chunk(slot, prompt[done:done + n], done, done + n == len(prompt)))

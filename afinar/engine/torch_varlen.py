@@ -1,0 +1,74 @@
+"""Attention for a flat list of tokens from many rows, each row over its own keys in a shared KV cache.
+
+The cache of one layer is [rows x stride, kv heads, head dim]: row r's position p at r x stride + p.
+A step's queries are packed back to back ([tokens, heads, head dim]); sequence i owns queries
+cu_q[i]:cu_q[i+1], reads keys from cu_k[i] on, `used_k[i]` of them, and its last query sees them
+all (bottom-right causal: a prefill chunk at positions start..end-1 sees keys < its own position + 1).
+So decode rows of very different lengths each read only their own keys, and the rows of a prefill
+chunk and the decoding rows share one call.
+
+`flash` is PyTorch's own FlashAttention-2 varlen kernel (`seqused_k` gives per-row key lengths on a
+padded cache; fixed shapes, so it runs inside a CUDA graph). `reference` is the same arithmetic with
+SDPA, one sequence at a time, reading the metadata on the host: CPU, fp32, and the tests.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger("afinar.engine")
+
+
+def flash(q, k_cache, v_cache, cu_q, cu_k, used_k, max_q: int, max_k: int, scale: float) -> torch.Tensor:
+    """q [tokens, heads, d] (bf16/fp16, CUDA); cu_q [n + 1], cu_k [n + 1], used_k [n] int32. Returns [tokens, heads, d]."""
+    out = torch.ops.aten._flash_attention_forward(
+        q, k_cache, v_cache, cu_q, cu_k, max_q, max_k, 0.0, True, False, scale=scale, seqused_k=used_k)[0]
+    return out
+
+
+def reference(q, k_cache, v_cache, cu_q, cu_k, used_k, max_q: int, max_k: int, scale: float) -> torch.Tensor:
+    """`flash`'s result with SDPA per sequence (any device and dtype; syncs to read the metadata)."""
+    out = torch.zeros_like(q)
+    heads, kv = q.shape[1], k_cache.shape[1]
+    starts, ks, used = cu_q.tolist(), cu_k.tolist(), used_k.tolist()
+    for i, n_k in enumerate(used):
+        a, b = starts[i], starts[i + 1]
+        if b <= a or n_k <= 0:
+            continue
+        qi = q[a:b].transpose(0, 1)[None]  # [1, heads, n_q, d]
+        keys = k_cache[ks[i]:ks[i] + n_k].transpose(0, 1)[None]
+        values = v_cache[ks[i]:ks[i] + n_k].transpose(0, 1)[None]
+        n_q = b - a
+        mask = torch.arange(n_k, device=q.device)[None, :] <= torch.arange(n_k - n_q, n_k, device=q.device)[:, None]
+        o = F.scaled_dot_product_attention(qi, keys, values, attn_mask=mask, scale=scale, enable_gqa=heads != kv)
+        out[a:b] = o[0].transpose(0, 1)
+    return out
+
+
+def flash_works(device: torch.device, dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int) -> bool:
+    """Whether `flash` runs here and agrees with `reference` on a small mixed case (a kernel this torch,
+    GPU or shape does not have is a fallback to the earlier runner, not an error)."""
+    if device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16):
+        return False
+    try:
+        g = torch.Generator(device=device).manual_seed(0)
+        stride = 300
+        k = torch.randn((3 * stride, kv_heads, head_dim), device=device, dtype=dtype, generator=g)
+        v = torch.randn((3 * stride, kv_heads, head_dim), device=device, dtype=dtype, generator=g)
+        q = torch.randn((1 + 1 + 5, heads, head_dim), device=device, dtype=dtype, generator=g)
+        i32 = dict(device=device, dtype=torch.int32)
+        cu_q, cu_k = torch.tensor([0, 1, 2, 7], **i32), torch.tensor([0, stride, 2 * stride, 0], **i32)
+        used = torch.tensor([17, 290, 9], **i32)
+        got = flash(q, k, v, cu_q, cu_k, used, 5, stride, head_dim**-0.5)
+        want = reference(q.float(), k.float(), v.float(), cu_q, cu_k, used, 5, stride, head_dim**-0.5)
+        err = (got.float() - want).abs().max().item()
+        if err > 2e-2:
+            log.warning("flash varlen attention differs from the reference by %.3g; using the slot runner", err)
+            return False
+        return True
+    except Exception as e:  # noqa: BLE001 - no such kernel on this build or GPU
+        log.warning("flash varlen attention unavailable (%s: %s); using the slot runner", type(e).__name__, str(e)[:200])
+        return False
