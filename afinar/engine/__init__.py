@@ -6,6 +6,7 @@
   torch_flat.py     static KV slots, prompt chunks and decode rows in one CUDA-graph forward (merged
                     Llama/Mistral/Qwen2; the default on CUDA)
   torch_varlen.py   its attention: every row over its own keys (FlashAttention varlen; SDPA reference)
+  torch_rows.py     what both static-slot runners share: per-row settings, pipelined read-back, graph capture
   torch_runner.py   static KV slots, a prefill forward then a CUDA-graph decode step (the same families;
                     CPU's default: a row's tokens are the same alone or in any batch)
   torch_generic.py  any other torch model, through its own forward, a cache per row

@@ -23,19 +23,17 @@ decoding write and nobody reads).
 
 from __future__ import annotations
 
-import logging
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 import torch
 
 from afinar.backends.fast_decode import DecoderStack
 from afinar.engine import torch_varlen
-from afinar.engine.plan import PrefillQueue, RowError, bucket, powers_of_two
-from afinar.engine.request import SamplingParams
+from afinar.engine.plan import RowError, bucket, powers_of_two
+from afinar.engine.torch_rows import SlotRows
 from afinar.engine.torch_sampling import choose, vocab_hashes
 
-log = logging.getLogger("afinar.engine")
 MAX_PREFILL_ROWS = 8  # prompts whose chunks share one step (fixed: it is part of a captured graph's shapes)
 
 
@@ -44,7 +42,7 @@ def prompt_sizes(chunk: int) -> tuple[int, ...]:
     return (0, *powers_of_two(min(16, chunk), chunk))
 
 
-class FlatRunner:
+class FlatRunner(SlotRows):
     """`plan.Runner` over a `DecoderStack`, one forward a step; see the module docstring."""
 
     def __init__(self, model, max_rows: int, max_len: int, prefill_chunk: int,
@@ -53,7 +51,6 @@ class FlatRunner:
         self.device, self.dtype = weight.device, weight.dtype
         cuda = self.device.type == "cuda"
         self.use_graphs = cuda if use_graphs is None else use_graphs
-        self.pipeline = cuda if pipeline is None else pipeline
         self.stack = s = DecoderStack(model, compile_ops=self.use_graphs)
         limits = [max_len, getattr(model.config, "max_position_embeddings", None), s.window]
         self.max_len = min(x for x in limits if x)
@@ -74,10 +71,7 @@ class FlatRunner:
         self.v = [torch.zeros(shape, device=dev, dtype=self.dtype) for _ in s.layers]
         self.token = torch.zeros(rows, device=dev, dtype=torch.long)
         self.pos = torch.zeros(rows, device=dev, dtype=torch.long)
-        self.temperature = torch.zeros(rows, device=dev, dtype=torch.float32)
-        self.top_p = torch.ones(rows, device=dev, dtype=torch.float32)
-        self.seed = torch.zeros(rows, device=dev, dtype=torch.long)
-        self.res = torch.zeros(rows, device=dev, dtype=torch.long)
+        self._init_rows(rows, self.chunk, (rows,), pipeline)
         self.row_idx = torch.arange(rows + 1, device=dev)
         self.vocab_hash = vocab_hashes(weight.shape[0], dev)
         # The step's metadata, one buffer (one copy to the device a step); views name its parts.
@@ -89,17 +83,6 @@ class FlatRunner:
         self._host = [torch.zeros(self.meta.shape, dtype=torch.long, pin_memory=cuda) for _ in range(2)]
         self._host_views = [{k: v.numpy() for k, v in self._views(h).items()} for h in self._host]
         self._arange = np.arange(max(self.max_len + 1, rows), dtype=np.int64)
-        self._events = [torch.cuda.Event() for _ in range(2)] if cuda else None
-        self._res_host = [torch.zeros(rows, dtype=torch.long, pin_memory=cuda) for _ in range(2)]
-        self._launches = 0
-        # Host view of the rows.
-        self.handles: list[Any] = [None] * rows
-        self.params: list[SamplingParams | None] = [None] * rows
-        self.decoding: set[int] = set()
-        self.prefill = PrefillQueue(self.chunk)
-        self._inflight: tuple | None = None
-        self.graphs: dict[tuple[int, int, bool], torch.cuda.CUDAGraph] = {}
-        self._pool = None
 
     def _views(self, buf: torch.Tensor) -> dict[str, torch.Tensor]:
         out, at = {}, 0
@@ -110,38 +93,10 @@ class FlatRunner:
 
     # ------------------------------------------------ plan.Runner
 
-    def add(self, handle, slot: int, prompt: list[int], params: SamplingParams) -> None:
-        self.handles[slot], self.params[slot] = handle, params
-        self.prefill.add(slot, prompt)
-        self.temperature[slot] = params.temperature
-        self.top_p[slot] = params.top_p
-        self.seed[slot] = params.seed - 2**64 if params.seed >= 2**63 else params.seed
-
     def remove(self, slot: int) -> None:
         self.handles[slot] = self.params[slot] = None
         self.prefill.remove(slot)
         self.decoding.discard(slot)
-
-    def busy(self) -> bool:
-        return bool(self.decoding or len(self.prefill) or self._inflight)
-
-    def reset(self) -> None:
-        for slot in range(len(self.handles)):
-            self.remove(slot)
-        self._inflight = None
-
-    @torch.inference_mode()
-    def step(self) -> list[tuple[Any, int]]:
-        previous, self._inflight = self._inflight, None
-        try:
-            launched = self._launch()
-        except RowError as e:
-            e.produced = self._collect(previous)
-            raise
-        if not self.pipeline:
-            return self._collect(launched)
-        self._inflight = launched
-        return self._collect(previous)
 
     @torch.inference_mode()
     def warm_up(self, say: Callable[[str], None]) -> None:
@@ -163,32 +118,15 @@ class FlatRunner:
         graph = self.graphs.get((b, p, sample))
         if graph is not None or not self.use_graphs:
             return graph
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
         # Warm-up runs execute: with no row decoding or starting, and every prompt token padding
         # (written to the scratch position), they change no row's state.
         saved = self.meta.clone()
         self.meta.zero_()
         self.m["dest"].fill_(self.max_len)
         try:
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                for _ in range(2):
-                    self._forward(b, p, None if sample else [])
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool):
-                self._forward(b, p, None if sample else [])
-        except Exception as e:  # noqa: BLE001 - an op this GPU/driver cannot capture: stay correct, eagerly
-            log.warning("CUDA graph capture failed (%s: %s); running steps without graphs", type(e).__name__,
-                        str(e)[:200])
-            self.use_graphs, graph = False, None
+            return self._capture((b, p, sample), lambda: self._forward(b, p, None if sample else []))
         finally:
             self.meta.copy_(saved)
-        if graph is not None:
-            self.graphs[(b, p, sample)] = graph
-        return graph
 
     # ------------------------------------------------ one step
 
@@ -239,24 +177,7 @@ class FlatRunner:
         for c in chunks:
             if c.last:
                 self.decoding.add(c.slot)
-        record = [(self.handles[s], s) for s in decoding + starting]
-        res = self._res_host[self._launches % 2]
-        res.copy_(self.res, non_blocking=True)
-        event = None
-        if self._events is not None:
-            event = self._events[self._launches % 2]
-            event.record()
-        self._launches += 1
-        return record, res, event
-
-    def _collect(self, launched) -> list[tuple[Any, int]]:
-        if launched is None:
-            return []
-        record, res, event = launched
-        if event is not None:
-            event.synchronize()
-        values = res.tolist()
-        return [(handle, values[slot]) for handle, slot in record]
+        return self._read_back([(self.handles[s], s) for s in decoding + starting])
 
     # ------------------------------------------------ the forward
 

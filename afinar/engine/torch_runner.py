@@ -18,22 +18,20 @@ with the same length bucket (its blocking depends on the key length).
 
 from __future__ import annotations
 
-import logging
 from typing import Any, Callable
 
 import torch
 
 from afinar.backends.fast_decode import DecoderStack
-from afinar.engine.plan import Chunk, PrefillQueue, RowError, bucket, powers_of_two
-from afinar.engine.request import SamplingParams
+from afinar.engine.plan import Chunk, RowError, bucket, powers_of_two
+from afinar.engine.torch_rows import SlotRows
 from afinar.engine.torch_sampling import choose, vocab_hashes
 
-log = logging.getLogger("afinar.engine")
 MIN_ROWS_CPU = 4  # see the module docstring: CPU GEMMs of >= 4 rows give each row the same bits
 MIN_KEYS = 256  # smallest key-length bucket
 
 
-class TorchRunner:
+class TorchRunner(SlotRows):
     """`plan.Runner` over a `DecoderStack`; see the module docstring."""
 
     def __init__(self, model, max_rows: int, max_len: int, prefill_chunk: int,
@@ -42,7 +40,6 @@ class TorchRunner:
         self.device, self.dtype = weight.device, weight.dtype
         cuda = self.device.type == "cuda"
         self.use_graphs = cuda if use_graphs is None else use_graphs
-        self.pipeline = cuda if pipeline is None else pipeline
         self.exact = not cuda  # batch-invariant arithmetic (CPU; see the module docstring)
         self.stack = DecoderStack(model, compile_ops=self.use_graphs)
         config = model.config
@@ -64,36 +61,15 @@ class TorchRunner:
         self.token = torch.zeros(rows, device=dev, dtype=torch.long)
         self.pos = torch.zeros(rows, device=dev, dtype=torch.long)
         self.active = torch.zeros(rows, device=dev, dtype=torch.bool)
-        self.temperature = torch.zeros(rows, device=dev, dtype=torch.float32)
-        self.top_p = torch.ones(rows, device=dev, dtype=torch.float32)
-        self.seed = torch.zeros(rows, device=dev, dtype=torch.long)
-        self.res = torch.zeros((2, rows), device=dev, dtype=torch.long)  # [0] decode tokens, [1] first tokens
+        self._init_rows(rows, prefill_chunk, (2, rows), pipeline)  # res: [0] decode tokens, [1] first tokens
         self.row_idx = torch.arange(rows, device=dev)
         self.key_idx = torch.arange(self.max_len, device=dev)
         self.vocab_hash = vocab_hashes(weight.shape[0], dev)
-        self._host = [torch.zeros((2, rows), dtype=torch.long, pin_memory=cuda) for _ in range(2)]
-        self._events = [torch.cuda.Event() for _ in range(2)] if cuda else None
-        self._launches = 0
-        # Host view of the rows.
-        self.handles: list[Any] = [None] * rows
-        self.params: list[SamplingParams | None] = [None] * rows
         self.host_pos = [0] * rows  # where each decoding row's next fed token goes
-        self.decoding: set[int] = set()
-        self.prefill = PrefillQueue(prefill_chunk)
         self._active_host = [False] * rows
         self._active_dirty = False
-        self._inflight: tuple | None = None
-        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
-        self._pool = None
 
-    # ------------------------------------------------ plan.Runner
-
-    def add(self, handle, slot: int, prompt: list[int], params: SamplingParams) -> None:
-        self.handles[slot], self.params[slot] = handle, params
-        self.prefill.add(slot, prompt)
-        self.temperature[slot] = params.temperature  # scalar fills: kernel launches, no host sync
-        self.top_p[slot] = params.top_p
-        self.seed[slot] = params.seed - 2**64 if params.seed >= 2**63 else params.seed  # the same 64 bits, as int64
+    # ------------------------------------------------ plan.Runner (the rest in SlotRows)
 
     def remove(self, slot: int) -> None:
         self.handles[slot] = self.params[slot] = None
@@ -101,27 +77,6 @@ class TorchRunner:
         if slot in self.decoding:
             self.decoding.discard(slot)
             self._set_active(slot, False)
-
-    def busy(self) -> bool:
-        return bool(self.decoding or len(self.prefill) or self._inflight)
-
-    def reset(self) -> None:
-        for slot in range(len(self.handles)):
-            self.remove(slot)
-        self._inflight = None
-
-    @torch.inference_mode()
-    def step(self) -> list[tuple[Any, int]]:
-        previous, self._inflight = self._inflight, None
-        try:
-            launched = self._launch()
-        except RowError as e:  # the step launched before this one still delivers its tokens
-            e.produced = self._collect(previous)
-            raise
-        if not self.pipeline:
-            return self._collect(launched)
-        self._inflight = launched
-        return self._collect(previous)
 
     @torch.inference_mode()
     def warm_up(self, say: Callable[[str], None]) -> None:
@@ -141,36 +96,21 @@ class TorchRunner:
         graph = self.graphs.get((b, n_keys))
         if graph is not None or not self.use_graphs:
             return graph
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()  # one pool: graphs run one at a time
         # Warm-up runs execute: with every row inactive they change no row's token or position.
         saved = self.active.clone()
         self.active.zero_()
         try:
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):  # outside capture: allocator, cuBLAS handles, compiled kernels
-                for _ in range(2):
-                    self._decode(b, n_keys)
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool):
-                self._decode(b, n_keys)
-        except Exception as e:  # noqa: BLE001 - an op this GPU/driver cannot capture: stay correct, eagerly
-            log.warning("CUDA graph capture failed (%s: %s); decoding without graphs", type(e).__name__, str(e)[:200])
-            self.use_graphs, graph = False, None
+            return self._capture((b, n_keys), lambda: self._decode(b, n_keys))
         finally:
             self.active.copy_(saved)
-        if graph is not None:
-            self.graphs[(b, n_keys)] = graph
-        return graph
 
     # ------------------------------------------------ one step
 
     def _launch(self) -> tuple | None:
         """Enqueue one step's work; returns what `_collect` needs to read its tokens, or None."""
         chunks = self.prefill.next()
-        record: list[tuple[Any, int, int]] = []  # (handle, result row, slot)
+        record: list[tuple[Any, int]] = []  # (handle, index into res flattened: [0] decode tokens, [1] first)
+        rows = self.row_sizes[-1]
         if chunks:
             try:
                 self._prefill(chunks)
@@ -178,7 +118,7 @@ class TorchRunner:
                 raise RowError([self.handles[c.slot] for c in chunks], e) from e
             for c in chunks:
                 if c.last:
-                    record.append((self.handles[c.slot], 1, c.slot))
+                    record.append((self.handles[c.slot], rows + c.slot))
                     self.host_pos[c.slot] = c.start + len(c.tokens)
                     self.decoding.add(c.slot)
                     self._set_active(c.slot, True)
@@ -196,27 +136,9 @@ class TorchRunner:
             else:
                 self._decode(b, bucket(keys, self.len_sizes), sorted(s for s in self.decoding if not self.params[s].greedy))
             for s in sorted(self.decoding):
-                record.append((self.handles[s], 0, s))
+                record.append((self.handles[s], s))
                 self.host_pos[s] += 1
-        if not record:
-            return None
-        host = self._host[self._launches % 2]
-        host.copy_(self.res, non_blocking=True)
-        event = None
-        if self._events is not None:
-            event = self._events[self._launches % 2]
-            event.record()
-        self._launches += 1
-        return record, host, event
-
-    def _collect(self, launched) -> list[tuple[Any, int]]:
-        if launched is None:
-            return []
-        record, host, event = launched
-        if event is not None:
-            event.synchronize()
-        values = host.tolist()
-        return [(handle, values[which][slot]) for handle, which, slot in record]
+        return self._read_back(record)
 
     def _to_device(self, data, dtype=torch.long) -> torch.Tensor:
         """Host values to the device without waiting for it (pinned, non-blocking on CUDA): the step launched
