@@ -39,15 +39,16 @@ def make_torch_runner(model, cfg: ServeConfig) -> Runner:
     if fast:
         from afinar.engine import torch_varlen
 
-        flat = cfg.step == "flat"
+        flat, attention = cfg.step == "flat", None  # 'flat' asked for: the kernel, or its SDPA reference
         if cfg.step == "auto":
             c = model.config
             flat = torch_varlen.flash_works(device, model.lm_head.weight.dtype, c.num_attention_heads,
                                             c.num_key_value_heads, fast_decode.DecoderStack.head_dim_of(model))
+            attention = "flash"  # probed just now
         if flat:
             from afinar.engine.torch_flat import FlatRunner
 
-            return FlatRunner(model, cfg.max_batch_size, cfg.max_context, cfg.prefill_chunk)
+            return FlatRunner(model, cfg.max_batch_size, cfg.max_context, cfg.prefill_chunk, attention=attention)
         from afinar.engine.torch_runner import TorchRunner
 
         return TorchRunner(model, cfg.max_batch_size, cfg.max_context, cfg.prefill_chunk)
