@@ -163,6 +163,11 @@ class ServeConfig(_Section):
         "a row's tokens are the same alone or in any batch). 'auto': flat on CUDA where the FlashAttention "
         "varlen kernel runs, else split."
     )
+    split_keys: int = Field(
+        0, ge=0, description="serve.step=flat: a decode step whose longest row holds more than 4x this many keys cuts "
+        "every row's keys into pieces of this size that run in parallel, merged by log-sum-exp (split-KV, "
+        "afinar/engine/torch_varlen.py); 0: off. Not measured on a GPU yet (docs/PERFORMANCE.md), hence off."
+    )
     body_timeout_s: float = Field(30.0, gt=0, description="A client that takes longer than this to send its body gets 408.")
     keep_alive_s: float = Field(5.0, gt=0, description="An idle keep-alive connection is closed after this many seconds.")
     drain_seconds: float = Field(

@@ -19,6 +19,9 @@ on the same random model (one process; the KV slots of one are freed before the 
   `--long-tokens` + 150 keys (the long request of the mix, decoding), and for the flat runner each
   prompt-token size with no prompt sequence in it (the padded tokens' matmuls, not their attention);
   `no_long`: the same with every row at 200 keys.
+- `flat_split` (`--steps`): the flat runner with `serve.split_keys=--split-keys` (decode steps
+  whose longest row holds 4+ pieces of keys split every row's keys, torch_varlen.split_decode);
+  its `step_ms` adds `p0_split`.
 - `agreement`: greedy tokens of the 32 prompts, flat against split (bf16: a near-tie may part them
   after some tokens; the CPU tests check exact equality in fp32).
 
@@ -152,7 +155,12 @@ def step_costs(runner, b: int, long_keys: int, short_keys: int = 200, n_long: in
         if flat:
             for p in runner.prompt_sizes if with_long else (0,):
                 place(with_long)
-                out[f"p{p}" + ("" if with_long else "_no_long")] = median_window(runner.graphs[(b, p, False)].replay, 50)
+                out[f"p{p}" + ("" if with_long else "_no_long")] = median_window(
+                    runner.graphs[(b, p, False, False)].replay, 50)
+            if runner.piece:
+                place(with_long)
+                out["p0_split" + ("" if with_long else "_no_long")] = median_window(
+                    runner.graphs[(b, 0, False, True)].replay, 50)
         else:
             place(with_long)
             keys = bucket((long_keys if with_long else short_keys) + 60, runner.len_sizes)
@@ -175,7 +183,8 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", default="mistral-7b")
     p.add_argument("--tokenizer", default=None)
-    p.add_argument("--steps", default="split,flat", help="Runners to measure, in order.")
+    p.add_argument("--steps", default="split,flat", help="Runners to measure, in order: split, flat, flat_split.")
+    p.add_argument("--split-keys", type=int, default=256, help="serve.split_keys of the flat_split runner.")
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--rows", type=int, default=64, help="serve.max_batch_size: the engine's rows.")
     p.add_argument("--max-len", type=int, default=4096, help="serve.max_context.")
@@ -201,11 +210,16 @@ def main(argv=None) -> None:
     for kind in args.steps.split(","):
         R.free_gpu()
         t0 = time.perf_counter()
-        runner = (FlatRunner if kind == "flat" else TorchRunner)(model, args.rows, args.max_len, args.chunk)
+        if kind == "split":
+            runner = TorchRunner(model, args.rows, args.max_len, args.chunk)
+        else:  # flat, or flat_split: serve.split_keys=--split-keys
+            runner = FlatRunner(model, args.rows, args.max_len, args.chunk,
+                                split_keys=args.split_keys if kind == "flat_split" else 0)
         runner.warm_up(say)
         row = {"runner": type(runner).__name__, "warm_up_s": round(time.perf_counter() - t0, 1)}
-        if kind == "flat":
+        if kind != "split":
             row["attention"] = runner.attention.__name__
+            row["split_keys"] = runner.piece
         engine = Engine(runner, decode, set())
         for b in (1, len(shorts)):
             r = generate_row(engine, shorts[:b], args.new_tokens)
@@ -224,7 +238,7 @@ def main(argv=None) -> None:
         result["steps"][kind] = row
         del engine, runner
     kinds = args.steps.split(",")
-    if len(kinds) == 2:
+    if len(kinds) >= 2:
         result["agreement_b32"] = agreement(outs[(kinds[0], 32)], outs[(kinds[1], 32)])
         result["agreement_b1_vs_b32"] = {k: outs[(k, 1)][0] == outs[(k, 32)][0] for k in kinds}
     print(result)

@@ -97,7 +97,7 @@ def test_a_request_answers_the_same_alone_or_in_a_batch_of_32(model, tiny_tokeni
         assert r.tokens == expected[: len(r.tokens)] and (r.finish_reason == "stop" or r.tokens == expected)
 
 
-def test_pipelined_and_generic_runners_give_the_same_tokens(model, tiny_tokenizer, words):
+def test_pipelined_and_generic_runners_give_the_same_tokens(model, tiny_tokenizer, words, monkeypatch):
     tok = tiny_tokenizer
     reference = build(model, tok, ServeConfig(max_batch_size=8, prefill_chunk=32, max_context=512))
     reqs = mixed_requests(tok, words, 8)
@@ -109,9 +109,17 @@ def test_pipelined_and_generic_runners_give_the_same_tokens(model, tiny_tokenize
     generic = Engine(GenericRunner(model, 8, 512, 32), decode, reference.stop_ids)
     # one forward a step: decode rows and prompt chunks together (reference attention on CPU)
     flat = Engine(FlatRunner(model, 8, 512, 32, pipeline=True), decode, reference.stop_ids)
-    for engine in (pipelined, generic, flat):
+    # and with split-key decode steps (pieces of 16 keys once a row holds more than 64)
+    split = Engine(FlatRunner(model, 8, 512, 32, split_keys=16), decode, reference.stop_ids)
+    from afinar.engine import torch_varlen
+
+    pieces = []
+    whole = torch_varlen.split_decode
+    monkeypatch.setattr(torch_varlen, "split_decode", lambda *a, **k: pieces.append(1) or whole(*a, **k))
+    for engine in (pipelined, generic, flat, split):
         again = run(engine, [fresh(r) for r in reqs])
         assert [r.tokens for r in again] == [r.tokens for r in reqs], type(engine.runner).__name__
+    assert pieces, "the split runner's long rows ran split-key decode steps"
 
 
 def test_rows_join_and_leave_the_running_batch(model, tiny_tokenizer, words):
@@ -367,3 +375,22 @@ def test_serve_step_picks_the_runner(model, tiny_tokenizer):
     assert type(build(model, tiny_tokenizer, ServeConfig()).runner) is TorchRunner  # CPU: auto is split
     assert type(build(model, tiny_tokenizer, ServeConfig(step="flat")).runner) is FlatRunner
     assert build(model, tiny_tokenizer, ServeConfig(step="flat")).runner.attention.__name__ == "reference"
+
+
+def test_split_key_decode_attention_merges_to_the_whole(model):
+    """torch_varlen.split_decode (pieces of keys merged by log-sum-exp) against attention over all keys."""
+    from afinar.engine import torch_varlen
+
+    g = torch.Generator().manual_seed(1)
+    heads, kv, d, stride, piece = 4, 2, 16, 70, 16
+    k, v = (torch.randn((4 * stride, kv, d), generator=g) for _ in range(2))
+    q = torch.randn((4, heads, d), generator=g)
+    cu_k = torch.arange(5) * stride
+    used = torch.tensor([69, 1, 0, 33])  # several pieces, one key, no key, a piece and a part
+    whole = torch_varlen.reference(q, k, v, torch.arange(5), cu_k, used, 1, stride, d**-0.5)
+    out, lse = torch_varlen.reference_lse(q, k, v, torch.arange(5), cu_k, used, 1, stride, d**-0.5)
+    torch.testing.assert_close(out, whole)
+    assert torch.isinf(lse[:, 2]).all() and torch.isfinite(lse[:, [0, 1, 3]]).all()
+    split = torch_varlen.split_decode(torch_varlen.reference_lse, q, k, v, cu_k, used, stride, d**-0.5, piece)
+    torch.testing.assert_close(split, whole)
+    assert split[2].abs().max() == 0

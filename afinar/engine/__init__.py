@@ -48,7 +48,8 @@ def make_torch_runner(model, cfg: ServeConfig) -> Runner:
         if flat:
             from afinar.engine.torch_flat import FlatRunner
 
-            return FlatRunner(model, cfg.max_batch_size, cfg.max_context, cfg.prefill_chunk, attention=attention)
+            return FlatRunner(model, cfg.max_batch_size, cfg.max_context, cfg.prefill_chunk, attention=attention,
+                              split_keys=cfg.split_keys)
         from afinar.engine.torch_runner import TorchRunner
 
         return TorchRunner(model, cfg.max_batch_size, cfg.max_context, cfg.prefill_chunk)

@@ -35,6 +35,7 @@ from afinar.engine.torch_rows import SlotRows
 from afinar.engine.torch_sampling import choose, vocab_hashes
 
 MAX_PREFILL_ROWS = 8  # prompts whose chunks share one step (fixed: it is part of a captured graph's shapes)
+SPLIT_AFTER = 4  # serve.split_keys: split a decode step's keys once its longest row holds this many pieces
 
 
 def prompt_sizes(chunk: int) -> tuple[int, ...]:
@@ -46,7 +47,8 @@ class FlatRunner(SlotRows):
     """`plan.Runner` over a `DecoderStack`, one forward a step; see the module docstring."""
 
     def __init__(self, model, max_rows: int, max_len: int, prefill_chunk: int,
-                 use_graphs: bool | None = None, attention: str | None = None, pipeline: bool | None = None):
+                 use_graphs: bool | None = None, attention: str | None = None, pipeline: bool | None = None,
+                 split_keys: int = 0):
         weight = model.lm_head.weight
         self.device, self.dtype = weight.device, weight.dtype
         cuda = self.device.type == "cuda"
@@ -63,6 +65,11 @@ class FlatRunner(SlotRows):
             attention = "flash" if torch_varlen.flash_works(self.device, self.dtype, heads, s.n_kv, s.head_dim) \
                 else "reference"
         self.attention = getattr(torch_varlen, attention)
+        # Split-key decode steps (torch_varlen.split_decode) when the longest decoding row holds more
+        # than SPLIT_AFTER pieces of keys; 0: never. Checked against the reference first on CUDA.
+        self.piece = split_keys if split_keys and (attention == "reference" or torch_varlen.split_works(
+            self.device, self.dtype, heads, s.n_kv, s.head_dim, split_keys)) else 0
+        self.attention_lse = torch_varlen.reference_lse if attention == "reference" else torch_varlen.flash_lse
         rows = self.row_sizes[-1]
         self.stride = self.max_len + 1
         dev = self.device
@@ -83,6 +90,7 @@ class FlatRunner(SlotRows):
         self._host = [torch.zeros(self.meta.shape, dtype=torch.long, pin_memory=cuda) for _ in range(2)]
         self._host_views = [{k: v.numpy() for k, v in self._views(h).items()} for h in self._host]
         self._arange = np.arange(max(self.max_len + 1, rows), dtype=np.int64)
+        self._keys = [0] * rows  # keys each decoding row attends at its next step (host side, for `piece`)
 
     def _views(self, buf: torch.Tensor) -> dict[str, torch.Tensor]:
         out, at = {}, 0
@@ -105,17 +113,19 @@ class FlatRunner(SlotRows):
         self._forward(1, 0)
         if not self.use_graphs:
             return
-        shapes = sorted(((b, p, sample) for b in self.row_sizes for p in self.prompt_sizes for sample in (True, False)),
-                        reverse=True)
+        shapes = [(b, p, sample, False) for b in self.row_sizes for p in self.prompt_sizes for sample in (True, False)]
+        if self.piece:
+            shapes += [(b, 0, sample, True) for b in self.row_sizes for sample in (True, False)]
+        shapes.sort(reverse=True)
         say(f"capturing {len(shapes)} CUDA graphs (rows {list(self.row_sizes)} x prompt tokens "
-            f"{list(self.prompt_sizes)} x sampling, greedy)")
+            f"{list(self.prompt_sizes)} x sampling, greedy" + (", and split-key decode steps)" if self.piece else ")"))
         for shape in shapes:
             if self._graph(*shape) is None:
                 break
         torch.cuda.synchronize()
 
-    def _graph(self, b: int, p: int, sample: bool):
-        graph = self.graphs.get((b, p, sample))
+    def _graph(self, b: int, p: int, sample: bool, split: bool = False):
+        graph = self.graphs.get((b, p, sample, split))
         if graph is not None or not self.use_graphs:
             return graph
         # Warm-up runs execute: with no row decoding or starting, and every prompt token padding
@@ -124,7 +134,7 @@ class FlatRunner(SlotRows):
         self.meta.zero_()
         self.m["dest"].fill_(self.max_len)
         try:
-            return self._capture((b, p, sample), lambda: self._forward(b, p, None if sample else []))
+            return self._capture((b, p, sample, split), lambda: self._forward(b, p, None if sample else [], split))
         finally:
             self.meta.copy_(saved)
 
@@ -166,22 +176,26 @@ class FlatRunner(SlotRows):
         m["decoding"][decoding] = 1
         self.meta.copy_(host, non_blocking=True)
         sampled = [s for s in decoding + starting if not self.params[s].greedy]
+        for s in decoding:
+            self._keys[s] += 1
+        split = bool(self.piece) and not p and max(self._keys[s] for s in decoding) > SPLIT_AFTER * self.piece
         try:
-            graph = self._graph(b, p, bool(sampled))
+            graph = self._graph(b, p, bool(sampled), split)
             if graph is not None:
                 graph.replay()
             else:
-                self._forward(b, p, sampled)
+                self._forward(b, p, sampled, split)
         except Exception as e:  # noqa: BLE001 - this step's rows fail (the engine resets the runner)
             raise RowError([self.handles[s] for s in decoding] + [self.handles[c.slot] for c in chunks], e) from e
         for c in chunks:
             if c.last:
                 self.decoding.add(c.slot)
+                self._keys[c.slot] = c.start + len(c.tokens)
         return self._read_back([(self.handles[s], s) for s in decoding + starting])
 
     # ------------------------------------------------ the forward
 
-    def _forward(self, b: int, p: int, sampled: list[int] | None = None) -> None:
+    def _forward(self, b: int, p: int, sampled: list[int] | None = None, split: bool = False) -> None:
         """Decode rows [0, b) and `p` prompt tokens in one forward; fixed shapes for (b, p), capturable.
 
         `sampled`: the rows that sample (see `torch_sampling.choose`): a list eagerly (an empty one in a
@@ -215,7 +229,12 @@ class FlatRunner(SlotRows):
             return self.k[i], self.v[i]
 
         def attend(q, keys, values, _mask):
-            o = self.attention(q[0].transpose(0, 1), keys, values, cu_q, cu_k, used, max_q, self.stride, s.scale)
+            q = q[0].transpose(0, 1)
+            if split:  # decode only: every row's keys in pieces (torch_varlen.split_decode)
+                o = torch_varlen.split_decode(self.attention_lse, q, keys, values, cu_k, used, self.stride, s.scale,
+                                              self.piece)
+            else:
+                o = self.attention(q, keys, values, cu_q, cu_k, used, max_q, self.stride, s.scale)
             return o.reshape(1, o.shape[0], -1)
 
         h = s.forward(ids[None], positions[None], None, write, attend=attend)
