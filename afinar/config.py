@@ -168,6 +168,14 @@ class ServeConfig(_Section):
         "every row's keys into pieces of this size that run in parallel, merged by log-sum-exp (split-KV, "
         "afinar/engine/torch_varlen.py); 0: off. Not measured on a GPU yet (docs/PERFORMANCE.md), hence off."
     )
+
+    @field_validator("split_keys")
+    @classmethod
+    def _whole_pieces(cls, value: int) -> int:  # pieces of a few keys would make thousands of sequences a row
+        if 0 < value < 64:
+            raise ValueError(f"must be 0 (off) or at least 64 keys, got {value}; try 256")
+        return value
+
     body_timeout_s: float = Field(30.0, gt=0, description="A client that takes longer than this to send its body gets 408.")
     keep_alive_s: float = Field(5.0, gt=0, description="An idle keep-alive connection is closed after this many seconds.")
     drain_seconds: float = Field(

@@ -186,3 +186,12 @@ def test_closest_key_and_reference():
     assert "train.learning_rate" in keys and "model.quantization" in keys
     # every setting is documented
     assert all(desc for _, _, desc in describe_fields())
+
+
+def test_split_keys_is_off_or_a_real_piece(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("serve:\n  split_keys: 3\n", encoding="utf-8")
+    with pytest.raises(AfinarError) as info:
+        load_config(bad, [])
+    assert "serve.split_keys = 3" in str(info.value) and "at least 64" in str(info.value)
+    assert load_config(bad, ["serve.split_keys=256"]).serve.split_keys == 256

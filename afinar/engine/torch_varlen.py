@@ -9,7 +9,7 @@ chunk and the decoding rows share one call.
 
 `flash` is PyTorch's own FlashAttention-2 varlen kernel (`seqused_k` gives per-row key lengths on a
 padded cache; fixed shapes, so it runs inside a CUDA graph). `reference` is the same arithmetic with
-SDPA, one sequence at a time, reading the metadata on the host: CPU, fp32, and the tests.
+hand in fp32, one sequence at a time, reading the metadata on the host: CPU and the tests.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 
 import torch
-import torch.nn.functional as F
 
 log = logging.getLogger("afinar.engine")
 
@@ -26,25 +25,6 @@ def flash(q, k_cache, v_cache, cu_q, cu_k, used_k, max_q: int, max_k: int, scale
     """q [tokens, heads, d] (bf16/fp16, CUDA); cu_q [n + 1], cu_k [n + 1], used_k [n] int32. Returns [tokens, heads, d]."""
     out = torch.ops.aten._flash_attention_forward(
         q, k_cache, v_cache, cu_q, cu_k, max_q, max_k, 0.0, True, False, scale=scale, seqused_k=used_k)[0]
-    return out
-
-
-def reference(q, k_cache, v_cache, cu_q, cu_k, used_k, max_q: int, max_k: int, scale: float) -> torch.Tensor:
-    """`flash`'s result with SDPA per sequence (any device and dtype; syncs to read the metadata)."""
-    out = torch.zeros_like(q)
-    heads, kv = q.shape[1], k_cache.shape[1]
-    starts, ks, used = cu_q.tolist(), cu_k.tolist(), used_k.tolist()
-    for i, n_k in enumerate(used):
-        a, b = starts[i], starts[i + 1]
-        if b <= a or n_k <= 0:
-            continue
-        qi = q[a:b].transpose(0, 1)[None]  # [1, heads, n_q, d]
-        keys = k_cache[ks[i]:ks[i] + n_k].transpose(0, 1)[None]
-        values = v_cache[ks[i]:ks[i] + n_k].transpose(0, 1)[None]
-        n_q = b - a
-        mask = torch.arange(n_k, device=q.device)[None, :] <= torch.arange(n_k - n_q, n_k, device=q.device)[:, None]
-        o = F.scaled_dot_product_attention(qi, keys, values, attn_mask=mask, scale=scale, enable_gqa=heads != kv)
-        out[a:b] = o[0].transpose(0, 1)
     return out
 
 
@@ -75,6 +55,11 @@ def reference_lse(q, k_cache, v_cache, cu_q, cu_k, used_k, max_q: int, max_k: in
         lse[:, a:b] = torch.logsumexp(scores, -1)
         out[a:b] = (scores.softmax(-1) @ values).transpose(0, 1).to(q.dtype)
     return out, lse
+
+
+def reference(q, k_cache, v_cache, cu_q, cu_k, used_k, max_q: int, max_k: int, scale: float) -> torch.Tensor:
+    """`flash`'s result computed by hand in fp32, one sequence at a time (any device; syncs to read the metadata)."""
+    return reference_lse(q, k_cache, v_cache, cu_q, cu_k, used_k, max_q, max_k, scale)[0]
 
 
 def split_decode(attend_lse, q, k_cache, v_cache, cu_k, used_k, max_k: int, scale: float, piece: int) -> torch.Tensor:
