@@ -394,3 +394,58 @@ def test_split_key_decode_attention_merges_to_the_whole(model):
     split = torch_varlen.split_decode(torch_varlen.reference_lse, q, k, v, cu_k, used, stride, d**-0.5, piece)
     torch.testing.assert_close(split, whole)
     assert split[2].abs().max() == 0
+
+
+class ReplayByRerun:
+    """CPU stand-in for a captured CUDA graph: `replay()` runs the captured closure again.
+
+    It cannot show what a real capture bakes in, but it runs every line of the graph path that
+    CUDA alone reaches otherwise: which graph a step picks, the sampling graph (`sampled=None`:
+    every row computes both ways) against the greedy one, and the claim that capture's warm-up
+    runs change no row (the real capture executes `run` twice before recording it): here every
+    step captures anew, so those runs happen with other rows mid-answer."""
+
+    def __init__(self, run):
+        self.run = run
+
+    def replay(self):
+        self.run()
+
+
+@pytest.mark.parametrize("runner", ["split", "flat", "flat_split"])
+def test_the_graph_step_path_gives_the_eager_tokens(model, tiny_tokenizer, words, monkeypatch, runner):
+    from afinar.backends import fast_decode
+    from afinar.engine import torch_rows
+    from afinar.engine.scheduler import Engine
+
+    captured = []
+
+    def capture(self, key, run):
+        run(), run()  # as the real warm-up on its side stream: must leave every row as it was
+        captured.append(key)
+        return ReplayByRerun(run)  # kept nowhere: every step captures again, with other rows live
+
+    monkeypatch.setattr(torch_rows.SlotRows, "_capture", capture)
+    monkeypatch.setattr(fast_decode, "compiled", lambda fn, *probe, backward=True: fn)  # no inductor on CI
+    tok = tiny_tokenizer
+    reference = build(model, tok, ServeConfig(max_batch_size=8, prefill_chunk=32, max_context=512))
+    reqs = mixed_requests(tok, words, 12)  # more requests than rows: slots are reused
+    run(reference, reqs)
+
+    def make(use_graphs):
+        if runner == "split":
+            return TorchRunner(model, 8, 512, 32, use_graphs=use_graphs, pipeline=True)
+        return FlatRunner(model, 8, 512, 32, use_graphs=use_graphs, pipeline=True,
+                          split_keys=16 if runner == "flat_split" else 0)
+
+    graphed = make(True)
+    engine = Engine(graphed, reference.decode, reference.stop_ids)
+    again = run(engine, [fresh(r) for r in reqs])
+    assert [r.tokens for r in again] == [r.tokens for r in reqs]
+    keys = set(captured)
+    assert len(keys) >= 3, keys
+    if runner != "split":
+        assert {k[2] for k in keys} == {True, False}, "both the sampling and the greedy graphs ran"
+        assert any(k[1] for k in keys), "steps with prompt tokens ran as graphs"
+    if runner == "flat_split":
+        assert any(k[3] for k in keys), "split-key decode steps ran as graphs"
