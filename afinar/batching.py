@@ -145,10 +145,10 @@ class Batcher:
 
     def drain(self, seconds: float, message: str = "The server is shutting down; retry on another instance.") -> int:
         """Take no new job; wait up to `seconds` for those in flight, then end the rest with `message`."""
-        deadline = time.monotonic() + seconds
+        self._deadline = time.monotonic() + seconds
         with self._cv:
             self._draining = True
-        while (self._pending or self._running) and time.monotonic() < deadline:
+        while (self._pending or self._running) and time.monotonic() < self._deadline:
             time.sleep(0.05)
         with self._cv:
             left = [*self._pending, *self._running]
@@ -157,6 +157,10 @@ class Batcher:
             job.cancel()  # the running batch drops its rows at the next token
             job._finish(None, message, 503)
         return len(left)
+
+    def hurry(self) -> None:
+        """A drain under way (another thread) ends what is still in flight now: a second signal."""
+        self._deadline = 0.0
 
     def stop(self) -> None:
         with self._cv:

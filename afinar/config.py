@@ -177,10 +177,16 @@ class ServeConfig(_Section):
         return value
 
     body_timeout_s: float = Field(30.0, gt=0, description="A client that takes longer than this to send its body gets 408.")
+    header_timeout_s: float = Field(
+        10.0, gt=0, description="A connection that has not sent a complete request head this long after opening "
+        "(or after its last response) is closed: idle and trickling (slowloris) clients free their sockets.")
+    max_connections: int = Field(
+        1000, ge=1, description="Open connections at most (kept below the process's file limit); beyond it new "
+        "connections are closed at once, so a flood cannot exhaust file descriptors.")
     keep_alive_s: float = Field(5.0, gt=0, description="An idle keep-alive connection is closed after this many seconds.")
     drain_seconds: float = Field(
         30.0, ge=0, description="On SIGTERM/SIGINT: new requests get 503; requests in flight have this long to "
-        "finish, then end with a clean error; then the server exits 0."
+        "finish, then end with a clean error; then the server exits 0. A second signal ends them at once."
     )
     switch_interval_ms: float = Field(
         0.5, gt=0, le=100, description="The server process's Python thread switch interval (Python's default is 5): "

@@ -10,6 +10,8 @@ never a failure inside the batch it would have joined. The ranges:
 - `seed` any int64; it seeds this request's own sampling stream (used modulo 2**64). Without a
   seed a sampled request gets a fresh random one.
 - `stop`: up to 4 non-empty strings; `stop_token_ids` (vLLM's extension): up to 16 token ids.
+- Types are OpenAI's, strictly: `"stream": "yes"`, `"max_tokens": "4"` or `true` are 400s, not
+  guesses. `null` means the default, as in OpenAI's API, for every optional field.
 
 Features afinar does not implement are refused, not silently ignored: `n` > 1, `tools` /
 `tool_choice` / `functions`, `logprobs` / `top_logprobs`, a `response_format` other than text,
@@ -22,7 +24,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, field_validator
 
 from afinar.engine.request import TEMPERATURE_FLOOR
 
@@ -88,15 +90,32 @@ class Message(_Body):
 
 
 class StreamOptions(_Body):
-    include_usage: bool = False
+    include_usage: Optional[StrictBool] = False
+
+
+def _null_is(default):
+    """A field validator (mode="before"): JSON null means the field's default, as in OpenAI's API."""
+    def check(cls, v):
+        return default if v is None else v
+    return classmethod(check)
 
 
 class Sampling(_Body):
-    max_tokens: Optional[int] = Field(None, ge=1, description="Most new tokens; capped by serve.max_tokens.")
-    temperature: float = Field(0.0, ge=0.0, le=2.0, description=f"0 = greedy; below {TEMPERATURE_FLOOR} counts as 0.")
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    seed: Optional[int] = Field(None, ge=-INT64, le=INT64 - 1,
-                                description="Seeds this request's own sampling stream (any int64); none = random.")
+    max_tokens: Optional[StrictInt] = Field(None, ge=1, description="Most new tokens; capped by serve.max_tokens.")
+    temperature: StrictFloat = Field(0.0, ge=0.0, le=2.0, description=f"0 = greedy; below {TEMPERATURE_FLOOR} counts as 0.")
+    top_p: StrictFloat = Field(1.0, gt=0.0, le=1.0)
+    seed: Optional[StrictInt] = Field(None, ge=-INT64, le=INT64 - 1,
+                                      description="Seeds this request's own sampling stream (any int64); none = random.")
+
+    _temperature_null = field_validator("temperature", mode="before")(_null_is(0.0))
+    _top_p_null = field_validator("top_p", mode="before")(_null_is(1.0))
+
+    @field_validator("temperature")
+    @classmethod
+    def _greedy_below_floor(cls, v: float) -> float:
+        # Every engine sees the same request: below the floor a temperature only magnifies rounding
+        # (1e-300 turns logits into inf), and greedy is its limit.
+        return 0.0 if v < TEMPERATURE_FLOOR else v
 
 
 def _refuse(what: str):
@@ -110,12 +129,12 @@ def _refuse(what: str):
 class ChatRequest(Sampling):
     model: Optional[Text] = Field(None, description="Ignored: the server answers with its one run.")
     messages: list[Message] = Field(min_length=1)
-    max_completion_tokens: Optional[int] = Field(None, ge=1, description="OpenAI's newer name for max_tokens.")
+    max_completion_tokens: Optional[StrictInt] = Field(None, ge=1, description="OpenAI's newer name for max_tokens.")
     stop: Union[str, list[str], None] = Field(None, description="Up to 4 strings that end the answer (not included).")
-    stop_token_ids: list[int] = Field([], max_length=16, description="Token ids that end the answer (vLLM's extension).")
-    stream: bool = False
+    stop_token_ids: list[StrictInt] = Field([], max_length=16, description="Token ids that end the answer (vLLM's extension).")
+    stream: StrictBool = False
     stream_options: Optional[StreamOptions] = None
-    n: int = Field(1, description="Only 1: one choice per request.")
+    n: StrictInt = Field(1, description="Only 1: one choice per request.")
     tools: Any = None
     tool_choice: Any = None
     functions: Any = None
@@ -126,6 +145,10 @@ class ChatRequest(Sampling):
     presence_penalty: Optional[float] = None
     frequency_penalty: Optional[float] = None
     logit_bias: Optional[dict] = None
+
+    _stop_ids_null = field_validator("stop_token_ids", mode="before")(_null_is([]))
+    _stream_null = field_validator("stream", mode="before")(_null_is(False))
+    _n_null = field_validator("n", mode="before")(_null_is(1))
 
     @field_validator("stop")
     @classmethod
@@ -148,7 +171,8 @@ class ChatRequest(Sampling):
     @classmethod
     def _one_choice(cls, v):
         if v != 1:
-            raise ValueError(f"n={v}: afinar serve returns one choice per request; send {v} requests (with seeds)")
+            fix = f"send {v} requests (with seeds)" if v > 1 else "send n=1 or leave it out"
+            raise ValueError(f"n={v}: afinar serve returns one choice per request; {fix}")
         return v
 
     @field_validator("response_format")
@@ -167,7 +191,7 @@ class ChatRequest(Sampling):
 
 class AskRequest(Sampling):
     question: Text = Field(min_length=1)
-    max_tokens: Optional[int] = Field(128, ge=1, description="As `afinar ask --max-tokens`.")
+    max_tokens: Optional[StrictInt] = Field(128, ge=1, description="As `afinar ask --max-tokens`.")
 
     @field_validator("question")
     @classmethod

@@ -10,7 +10,9 @@ Every error, bad input included, is one JSON shape: {"error": {"message", "type"
 On SIGTERM/SIGINT the server drains (`Server.handle_exit`): new requests get 503 with
 Retry-After and /health says 'draining'; requests in flight get serve.drain_seconds to finish,
 then end with a clean error (a 503 body, or an SSE error event and `data: [DONE]`); then it
-exits 0. A second signal stops it at once.
+exits 0. A second signal ends the requests still in flight at once (the same clean errors), a
+third stops without waiting for anything. Connections that send no request head in time, or
+beyond serve.max_connections, are closed (serve_conn.py).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import contextlib
 import hashlib
 import hmac
 import logging
+import os
 import sys
 import threading
 import time
@@ -67,7 +70,7 @@ class Guard:
 
     def __init__(self, app, state: "State", api_key: str | None, max_body: int, body_timeout: float):
         self.app, self.state, self.max_body, self.body_timeout = app, state, max_body, body_timeout
-        self.key_digest = hashlib.sha256(f"Bearer {api_key}".encode()).digest() if api_key else None
+        self.key_digest = hashlib.sha256(api_key.encode()).digest() if api_key else None
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -78,8 +81,9 @@ class Guard:
                                    "server_unavailable", "draining", {"Retry-After": "5"})
             return await reply(scope, receive, send)
         if self.key_digest and scope["method"] != "OPTIONS" and scope["path"].startswith(PROTECTED):
-            given = hashlib.sha256(headers.get(b"authorization", b"")).digest()
-            if not hmac.compare_digest(given, self.key_digest):  # constant time: no key prefix leaks
+            scheme, _, token = headers.get(b"authorization", b"").strip().partition(b" ")
+            given = hashlib.sha256(token.strip()).digest()  # a hash: the comparison's time says nothing of the key
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(given, self.key_digest):  # scheme: any case (RFC 7235)
                 reply = error_response(401, "Missing or wrong API key: send 'Authorization: Bearer KEY'.",
                                        "authentication_error", "invalid_api_key", {"WWW-Authenticate": "Bearer"})
                 return await reply(scope, receive, send)
@@ -89,14 +93,17 @@ class Guard:
             reply = error_response(status, f"Request body of {what}: the limit is {self.max_body} bytes.",
                                    "invalid_request_error", "body_too_large" if status == 413 else "bad_request")
             return await reply(scope, receive, send)
-        seen, complete = 0, False
+        seen, complete, deadline = 0, False, None
 
         async def limited_receive():  # chunked bodies carry no Content-Length: count as they arrive
-            nonlocal seen, complete
+            nonlocal seen, complete, deadline
             if complete:  # after the body: only http.disconnect comes, whenever the client leaves
                 return await receive()
+            loop = asyncio.get_running_loop()
+            if deadline is None:  # one deadline for the whole body, not for each piece of it
+                deadline = loop.time() + self.body_timeout
             try:
-                message = await asyncio.wait_for(receive(), self.body_timeout)
+                message = await asyncio.wait_for(receive(), max(deadline - loop.time(), 0))
             except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
                 raise HTTPException(408, f"The request body did not arrive within serve.body_timeout_s="
                                          f"{self.body_timeout} s.") from None
@@ -124,6 +131,7 @@ class State:
         self.predictor = None
         self.engine = None  # engine.Engine, or batching.Batcher for serve.engine=static|transformers
         self.open = 0  # answers being sent (drain waits for them)
+        self.loading_thread: threading.Thread | None = None
         self.started = time.time()
         self.on_failure = lambda: None  # `run` stops the CLI's server: a model that cannot load serves nothing
 
@@ -209,7 +217,9 @@ def create_app(run: str | Path | None = None, predictor=None, cfg: ServeConfig |
         if predictor is not None:
             await asyncio.to_thread(state.attach, predictor)
         else:
-            threading.Thread(target=state.load, args=(Path(run), verify), name="afinar-load", daemon=True).start()
+            state.loading_thread = threading.Thread(target=state.load, args=(Path(run), verify), name="afinar-load",
+                                                    daemon=True)
+            state.loading_thread.start()
         yield
         if state.engine is not None:
             state.engine.stop()
@@ -278,10 +288,19 @@ class Server(uvicorn.Server):
 
     def handle_exit(self, sig, frame) -> None:
         # Not uvicorn's: it would stop accepting at once and re-raise the signal after shutdown
-        # (exit status 128+n). Here the first signal drains, then the server exits 0.
+        # (exit status 128+n). Here the first signal drains, then the server exits 0; a second ends
+        # the requests in flight now, each with its clean error (uvicorn's force_exit would cancel
+        # their tasks: bare 500s and streams cut without [DONE]); a third forces the exit.
         state: State | None = getattr(getattr(self.config.app, "state", None), "afinar", None)
-        if self.should_exit or getattr(self, "_draining", False) or state is None:
+        draining = getattr(self, "_draining", False)
+        if state is None or getattr(self, "_hurried", False) or (self.should_exit and not draining):
             self.force_exit = self.should_exit = True
+            return
+        if draining:
+            self._hurried = True
+            say(f"signal {sig} again: ending the requests in flight now")
+            if state.engine is not None:
+                state.engine.hurry()
             return
         self._draining = True
         say(f"signal {sig}: draining (new requests get 503; up to serve.drain_seconds={state.cfg.drain_seconds} s "
@@ -294,14 +313,30 @@ class Server(uvicorn.Server):
         threading.Thread(target=drain, name="afinar-drain", daemon=True).start()
 
 
+def config(app: FastAPI, cfg: ServeConfig, host: str, port: int, log_level: str) -> uvicorn.Config:
+    from afinar.serve_conn import protocol
+
+    return uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5,
+                          timeout_keep_alive=cfg.keep_alive_s, http=protocol(cfg.header_timeout_s, cfg.max_connections))
+
+
 def run(app: FastAPI, host: str, port: int, log_level: str = "info") -> None:
     """Serve until a signal, printing the bound URL (the CLI's path)."""
     state: State = app.state.afinar
-    server = Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5,
-                                   timeout_keep_alive=state.cfg.keep_alive_s))
+    server = Server(config(app, state.cfg, host, port, log_level))
     server.announce = True
     state.on_failure = lambda: setattr(server, "should_exit", True)
     server.run()
+    if state.engine is not None:  # a forced exit skips the lifespan's shutdown: the engine thread must not
+        state.engine.stop()       # be inside torch when the interpreter finalizes
+    if state.loading_thread is not None and state.loading_thread.is_alive():
+        # A signal during loading: the loading thread is inside torch or safetensors, and an
+        # interpreter that finalizes under it can abort (std::terminate, exit status 134). Nothing
+        # was served and nothing is to be saved: leave now.
+        say("stopped while loading")
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     if state.status == "failed":
         raise AfinarError(f"Could not load the model: {state.error}")
     if not server.started:
@@ -311,8 +346,7 @@ def run(app: FastAPI, host: str, port: int, log_level: str = "info") -> None:
 @contextlib.contextmanager
 def serve_in_thread(app: FastAPI, host: str = "127.0.0.1", timeout: float = 60):
     """Run `app` on a free port in a background thread (tests, notebooks); yields the base URL."""
-    keep_alive = app.state.afinar.cfg.keep_alive_s
-    server = Server(uvicorn.Config(app, host=host, port=0, log_level="warning", timeout_keep_alive=keep_alive))
+    server = Server(config(app, app.state.afinar.cfg, host, 0, "warning"))
     thread = threading.Thread(target=server.run, name="afinar-uvicorn", daemon=True)
     thread.start()
     t0 = time.monotonic()

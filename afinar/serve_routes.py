@@ -21,7 +21,7 @@ ERROR_CODES = {500: ("server_error", "generation_failed"), 503: ("server_unavail
 
 
 def add_routes(app: FastAPI, state: State) -> None:
-    def budget(prompt: list[int], requested: int | None) -> int:
+    def budget(prompt: list[int], requested: int | None, field: str) -> int:
         """max_tokens capped by serve.max_tokens and by what a request may hold after the prompt."""
         tokens = min(requested or state.cfg.max_tokens, state.cfg.max_tokens)
         context = state.engine.max_len
@@ -29,8 +29,8 @@ def add_routes(app: FastAPI, state: State) -> None:
             if len(prompt) >= context:
                 raise ApiError(400, f"The prompt has {len(prompt)} tokens; a request holds at most {context} tokens, "
                                "prompt and answer (serve.max_context, capped by the model's context). "
-                               "Send a shorter conversation.",
-                               "invalid_request_error", "context_length_exceeded", param="messages")
+                               f"Send a shorter {'question' if field == 'question' else 'conversation'}.",
+                               "invalid_request_error", "context_length_exceeded", param=field)
             tokens = min(tokens, context - len(prompt))
         return tokens
 
@@ -114,7 +114,7 @@ def add_routes(app: FastAPI, state: State) -> None:
         """The JSON object `afinar ask RUN QUESTION` prints."""
         p = state.ready()
         prompt = p.prompt(body.question)
-        job = submit(prompt, body, budget(prompt, body.max_tokens))
+        job = submit(prompt, body, budget(prompt, body.max_tokens, "question"))
         state.open += 1
         try:
             await finish(job, request, asyncio.get_running_loop().time() + state.cfg.request_timeout_s)
@@ -127,7 +127,7 @@ def add_routes(app: FastAPI, state: State) -> None:
         """OpenAI chat completions: messages in, one choice out; `stream: true` sends server-sent events."""
         p = state.ready()
         prompt = prompt_of(p, body)
-        max_tokens = budget(prompt, body.max_completion_tokens or body.max_tokens)
+        max_tokens = budget(prompt, body.max_completion_tokens or body.max_tokens, "messages")
         job = submit(prompt, body, max_tokens, body.stop or (), body.stop_token_ids)
         deadline = asyncio.get_running_loop().time() + state.cfg.request_timeout_s
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": p.name}

@@ -273,11 +273,18 @@ def test_sampler_draws_from_the_softmax_and_respects_top_p():
     # greedy rows take the argmax whatever their seed; temperature 0 never divides by zero
     greedy = choose(many[:3], torch.zeros(3), torch.full((3,), 0.5), seeds[:3], torch.zeros(3, dtype=torch.long), vh)
     assert greedy.tolist() == [0, 0, 0]
+    # a top_p that float32 rounds to 0 (1e-46) still keeps the likeliest token, on both paths
+    tiny = torch.tensor([1e-46] * 3, dtype=torch.float32)
+    assert tiny.eq(0).all()
+    flipped = many[:3].flip(-1)  # the likeliest last: "nothing kept" would come out as token 0
+    for rows in (None, [0, 1, 2]):
+        assert choose(flipped, torch.ones(3), tiny, seeds[:3], torch.zeros(3, dtype=torch.long), vh, rows).tolist() == [5] * 3
 
 
 def test_sampling_params_ranges():
     assert SamplingParams(temperature=1e-300).greedy and SamplingParams(temperature=TEMPERATURE_FLOOR / 2).greedy
     assert not SamplingParams(temperature=TEMPERATURE_FLOOR).greedy
+    assert SamplingParams(top_p=1e-300).top_p == 1e-30  # within float32 on the device: the likeliest token alone
     assert SamplingParams(seed=-1).seed == 2**64 - 1 and SamplingParams(seed=2**70 + 3).seed == 3
     assert SamplingParams(seed=None).seed != SamplingParams(seed=None).seed  # fresh seeds
     for bad in (dict(max_tokens=0), dict(top_p=0), dict(top_p=1.5), dict(temperature=-1), dict(temperature=float("nan"))):

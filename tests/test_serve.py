@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 import re
 import socket
@@ -409,6 +410,76 @@ def test_slow_bodies_and_idle_connections_time_out(predictor):
             t0 = time.monotonic()
             assert s.recv(65536) == b""  # closed by the server
             assert time.monotonic() - t0 < 5
+
+
+def test_trickled_bodies_heads_and_connection_floods_are_cut(predictor):
+    cfg = ServeConfig(body_timeout_s=1.0, header_timeout_s=1.0, max_connections=4)
+    with serve_in_thread(create_app(predictor=predictor, cfg=cfg)) as base:
+        host, port = base.removeprefix("http://").split(":")
+        body = json.dumps({"question": "Onde joga o Farense?", "max_tokens": 2}).encode()
+        with socket.create_connection((host, int(port)), timeout=10) as s:  # the body a byte every 0.2 s
+            s.sendall(b"POST /v1/ask HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: %d\r\n\r\n" % len(body))
+            t0 = time.monotonic()
+            for byte in body[:10]:
+                s.sendall(bytes([byte]))
+                time.sleep(0.2)
+            reply = read_response(s)
+            assert reply.startswith("HTTP/1.1 408"), reply  # the whole body's deadline, not each byte's
+            assert time.monotonic() - t0 < 3
+        for head in (b"", b"GET /health HTTP/1.1\r\nHo"):  # silent, and a head that never ends
+            with socket.create_connection((host, int(port)), timeout=10) as s:
+                s.sendall(head)
+                t0 = time.monotonic()
+                assert s.recv(65536) == b""  # closed by the server
+                assert 0.5 < time.monotonic() - t0 < 5
+        held = [socket.create_connection((host, int(port)), timeout=10) for _ in range(4)]
+        try:
+            time.sleep(0.2)
+            with socket.create_connection((host, int(port)), timeout=10) as s:  # the fifth: closed at once
+                with contextlib.suppress(ConnectionResetError):  # closed with the request unread: a reset
+                    s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+                    assert s.recv(65536) == b""
+        finally:
+            for s in held:
+                s.close()
+        time.sleep(0.2)
+        assert httpx.get(f"{base}/health").status_code == 200  # free again
+
+
+def test_null_means_the_default_and_types_are_strict(url):
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY)
+    plain = chat(url, CHAT).json()["choices"]
+    nulls = {"temperature": None, "top_p": None, "n": None, "stream": None, "stop_token_ids": None, "seed": None,
+             "max_tokens": None, "stream_options": None}
+    assert chat(url, {**CHAT, **nulls, "max_tokens": 6}).json()["choices"] == plain
+    reply = client.chat.completions.create(model="run", messages=CHAT["messages"], max_tokens=6, temperature=None,
+                                           top_p=None)
+    assert reply.choices[0].message.content == plain[0]["message"]["content"]
+    for field, value in [("stream", "yes"), ("stream", 1), ("max_tokens", "4"), ("max_tokens", True),
+                         ("temperature", "0.5"), ("n", "1"), ("seed", 1.5)]:
+        error_of(chat(url, {**CHAT, field: value}), 400, "invalid_field", field)
+    assert chat(url, {**CHAT, "temperature": 1, "max_tokens": 2}).status_code == 200  # an int where a float goes
+    assert "n=1 or leave it out" in error_of(chat(url, {**CHAT, "n": 0}), 400, "invalid_field", "n")
+    long = httpx.post(f"{url}/v1/ask", headers=AUTH, json={"question": "Farense " * 3000})
+    assert "shorter question" in error_of(long, 400, "context_length_exceeded", "question")
+
+
+def test_tiny_top_p_and_temperature_are_greedy_on_every_engine(url, predictor):
+    greedy = chat(url, CHAT).json()["choices"][0]["message"]["content"]
+    for extreme in ({"temperature": 1.0, "top_p": 1e-46, "seed": 7}, {"temperature": 1e-300}):
+        assert chat(url, {**CHAT, **extreme}).json()["choices"][0]["message"]["content"] == greedy, extreme
+    with serve_in_thread(create_app(predictor=predictor, cfg=ServeConfig(engine="static", max_tokens=32))) as base:
+        for extreme in ({"temperature": 1e-300}, {"temperature": 1e-45, "top_p": 1e-46}):
+            reply = chat(base, {**CHAT, **extreme}, headers={})
+            assert reply.status_code == 200 and reply.json()["choices"][0]["message"]["content"] == greedy, reply.text
+
+
+def test_the_bearer_scheme_is_any_case(url):
+    for scheme in ("Bearer", "bearer", "BEARER"):
+        assert httpx.get(f"{url}/v1/models", headers={"Authorization": f"{scheme} {KEY}"}).status_code == 200
+    for wrong in (f"Basic {KEY}", KEY, f"Bearer {KEY}x", f"Bearer{KEY}", ""):
+        assert httpx.get(f"{url}/v1/models", headers={"Authorization": wrong}).status_code == 401, wrong
 
 
 def test_health_shows_the_loading_stage_then_ready(run, monkeypatch):

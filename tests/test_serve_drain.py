@@ -110,3 +110,33 @@ def test_sigterm_drains_in_flight_requests_then_exits_0(run):
     assert all(o == "full" for n, o in outcomes if n == SHORT), outcomes  # finished within the drain
     assert any(o == "ended" for n, o in outcomes if n == LONG), outcomes  # cut at its end, cleanly
     assert "draining" in "".join(log)
+
+
+def test_a_second_signal_ends_the_requests_in_flight_cleanly_at_once(run):
+    proc, url, log = start(run, "serve.drain_seconds=60", f"serve.max_tokens={LONG}")
+    try:
+        jobs = [(plain, LONG), (streamed, LONG)] * 2
+        with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
+            futures = [pool.submit(fn, url, n, i) for i, (fn, n) in enumerate(jobs)]
+            deadline = time.monotonic() + 60
+            while httpx.get(f"{url}/metrics").json()["running_rows"] < len(jobs):
+                assert time.monotonic() < deadline, "the requests never ran together"
+                time.sleep(0.01)
+            proc.send_signal(signal.SIGTERM)
+            while httpx.get(f"{url}/health").json()["status"] != "draining":
+                time.sleep(0.01)
+            proc.send_signal(signal.SIGINT)  # a second signal: do not wait the 60 s
+            t0 = time.monotonic()
+            results = [f.result(timeout=30) for f in futures]
+            assert time.monotonic() - t0 < 10
+        assert proc.wait(timeout=30) == 0, "".join(log)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    for (fn, _), result in zip(jobs, results):
+        if fn is plain:
+            assert result.status_code == 503 and result.json()["error"]["code"] == "shutting_down", result.text
+        else:
+            assert result[-1] == "data: [DONE]" and json.loads(result[-2][6:])["error"]["code"] == "shutting_down"
+    assert "again: ending the requests in flight now" in "".join(log)
+    assert "Traceback" not in "".join(log) and "terminate called" not in "".join(log), "".join(log)

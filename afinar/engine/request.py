@@ -18,6 +18,9 @@ from typing import Callable
 # Below this a temperature only magnifies rounding (1e-300 turns logits into inf/nan): such
 # temperatures are taken as 0, greedy, which is their limit. Documented in schemas.py and the README.
 TEMPERATURE_FLOOR = 1e-2
+# Any top_p at or below the likeliest token's probability (>= 1/vocab, far above this) keeps that
+# token alone; below float32's range (1e-46) a top_p would round to 0 on the device and keep nothing.
+TOP_P_FLOOR = 1e-30
 SEED_BITS = 64  # a seed is used modulo 2**64: any int64 (the API's range) maps to itself
 
 
@@ -45,6 +48,8 @@ class SamplingParams:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if self.temperature < TEMPERATURE_FLOOR:
             object.__setattr__(self, "temperature", 0.0)
+        if self.top_p < TOP_P_FLOOR:
+            object.__setattr__(self, "top_p", TOP_P_FLOOR)
         seed = secrets.randbits(SEED_BITS) if self.seed is None else self.seed % 2**SEED_BITS
         object.__setattr__(self, "seed", seed)
         object.__setattr__(self, "stop", tuple(s for s in self.stop if s))

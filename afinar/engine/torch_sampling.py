@@ -81,6 +81,7 @@ def _outside_nucleus(probs: torch.Tensor, top_p: torch.Tensor, eager: bool) -> t
     vals, idx = probs.topk(min(256, probs.shape[-1]), dim=-1)
     before = vals.cumsum(-1) - vals
     keep = torch.zeros_like(probs, dtype=torch.bool).scatter(-1, idx, before < top_p[:, None])
+    keep.scatter_(-1, idx[:, :1], True)  # a top_p below float32's range (1e-46) is 0 here: keep the likeliest
     drop = ~keep & cut
     wide = ((vals.sum(-1) < top_p) & cut[:, 0]).nonzero()[:, 0]
     if len(wide):
@@ -91,4 +92,6 @@ def _outside_nucleus(probs: torch.Tensor, top_p: torch.Tensor, eager: bool) -> t
 def _sorted_cut(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     sorted_p, order = probs.sort(dim=-1, descending=True, stable=True)
     before = sorted_p.cumsum(-1) - sorted_p  # mass of the more likely tokens
-    return torch.zeros_like(probs, dtype=torch.bool).scatter(-1, order, before >= top_p[:, None])
+    drop = before >= top_p[:, None]
+    drop[:, 0] = False  # the likeliest stays, even for a top_p that float32 rounds to 0
+    return torch.zeros_like(probs, dtype=torch.bool).scatter(-1, order, drop)
