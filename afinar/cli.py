@@ -125,13 +125,18 @@ def train(
         if output is not None and output != resume:
             raise AfinarError(f"--resume {resume} and --output {output} name different runs: give one, or the same.")
         output = resume
-        saved = resume.with_name(resume.name + ".partial") / "training_config.json"
-        if not (config or preset or set_) and saved.is_file():
+        partial = resume.with_name(resume.name + ".partial")
+        saved = partial / "training_config.json"
+        if config or preset:
+            cfg = resolve_config(config, preset, set_)
+        elif saved.is_file():  # the run's own settings, with --set's changes on top (then --force to accept them)
             from afinar.config import build_config
 
-            cfg = build_config(json.loads(saved.read_text(encoding="utf-8")), source=str(saved))
+            cfg = build_config(json.loads(saved.read_text(encoding="utf-8")), set_ or [], source=f"{saved} + --set")
         else:
-            cfg = resolve_config(config, preset, set_)
+            done = (f" {resume} is a finished run: train a new one with --output NEW, or replace it with "
+                    f"--output {resume} --overwrite.") if (resume / "metadata.json").is_file() else ""
+            raise AfinarError(f"Nothing to resume: {partial} does not hold an unfinished run.{done}")
     elif output is None:
         raise AfinarError("Missing --output RUN: the folder to write the run into.")
     else:
@@ -184,13 +189,14 @@ def eval_run(
     no_verify: NoVerifyOpt = False,
 ):
     """Validation loss, answer quality (fact recall, chrF), latency, tokens/s and memory of a run; writes eval.json."""
-    from afinar import atomic, evaluate, report
+    from afinar import evaluate, report
 
     quiet_libraries()
+    target = output or run / "eval.json"
+    evaluate.check_output(target)  # a bad --output fails now, not after the evaluation
     result = evaluate.evaluate_run(run, data, max_tokens, batch_size, latency_samples,  # stages show on stderr
                                    verify=not no_verify)
-    target = output or run / "eval.json"
-    atomic.write_json(target, result)
+    evaluate.write_results(target, result)
     if as_json:
         print(json.dumps(result, indent=2, ensure_ascii=False))
         return
@@ -221,12 +227,13 @@ def compare(
     """Ask every run the same questions and report them side by side (LoRA vs QLoRA ratios, charts)."""
     import shlex
 
-    from afinar import atomic, report
+    from afinar import atomic, oserrors, report
     from afinar import compare as C
 
     if output is None:
         raise AfinarError("Missing --output DIR: the folder to write the comparison into.")
     atomic.refuse_existing(output, overwrite)
+    oserrors.check_writable(output)  # before --train trains two runs
     if train_config and runs:
         raise AfinarError("Give run folders to compare, or --train CONFIG to train them, not both.")
     if set_ and not train_config:

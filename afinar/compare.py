@@ -20,7 +20,7 @@ from itertools import combinations
 from pathlib import Path
 from typing import Callable
 
-from afinar import __version__, atomic, evaluate, events, plots, report
+from afinar import __version__, atomic, evaluate, events, oserrors, plots, report
 from afinar.config import load_config, preset_names, preset_path
 from afinar.errors import AfinarError
 from afinar import runs as runs_contract
@@ -124,6 +124,7 @@ def compare_runs(runs: list[str | Path], output: str | Path, prompts: str | Path
         raise AfinarError(f"Give at least two runs to compare (got {len(runs)}), or --train CONFIG to train them.")
     output = Path(output)
     atomic.refuse_existing(output, overwrite)
+    oserrors.check_writable(output)  # now, not after every run was evaluated
     loaded = [load_run(r, verify=verify) for r in runs]  # every run is whole before anything is evaluated
     prompts = Path(prompts) if prompts else None
     if prompts is None:
@@ -140,7 +141,7 @@ def compare_runs(runs: list[str | Path], output: str | Path, prompts: str | Path
                                              batch_size, echo, verify))
     results = build_results(names, runs, loaded, evals, prompts, max_tokens, latency_samples, command)
     histories = {name: events.read_metrics(run / runs_contract.METRICS) for name, run in zip(names, runs)}
-    with status(f"Writing {output}"), atomic.folder(output) as tmp:
+    with status(f"Writing {output}"), oserrors.writing(output), atomic.folder(output) as tmp:
         atomic.write_json(tmp / "comparison_results.json", results)
         plots.comparison_charts(results, histories, tmp)
         atomic.write_text(tmp / "comparison.md", report.comparison_markdown(results))

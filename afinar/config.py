@@ -21,7 +21,7 @@ PRESETS_DIR = Path(__file__).parent / "configs"
 
 class _Section(BaseModel):
     # Unknown keys are errors, not silently ignored: a typo must not train the wrong thing.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)  # .inf epochs: an endless schedule
 
 
 class ModelConfig(_Section):

@@ -19,13 +19,15 @@ possibly in choosing settings; only the test figures are untouched by both.
 
 from __future__ import annotations
 
+import json
 import math
+import tempfile
 import time
 import unicodedata
 from datetime import datetime, timezone
 from pathlib import Path
 
-from afinar import data, schedule
+from afinar import atomic, data, oserrors, schedule
 from afinar.data import Example
 from afinar.errors import AfinarError
 from afinar.stats import percentile
@@ -238,6 +240,35 @@ def evaluate_run(run: str | Path, data_file: str | Path | None = None, max_token
         "evaluated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "answers": primary["answers"],
     }
+
+
+def check_output(path: str | Path) -> None:
+    """Before the evaluation: an --output that could not be written fails now, not after minutes of answering."""
+    oserrors.check_writable(path, file_name="eval.json")
+
+
+def write_results(path: str | Path, result: dict) -> None:
+    """Write the results to `path` (atomic). If the machine refuses (disk full, read-only), the error names
+    `path` and where a copy of the results was kept: the evaluation they cost is not lost with the write."""
+    try:
+        with oserrors.writing(path):
+            atomic.write_json(path, result)
+    except oserrors.EnvironmentFailure as e:
+        raise oserrors.EnvironmentFailure(f"{e} {_keep_elsewhere(result)}", e.reason, e.path, e.exit_code) from e.__cause__
+
+
+def _keep_elsewhere(result: dict) -> str:
+    kept = None
+    try:
+        fd, kept = tempfile.mkstemp(prefix="afinar-eval-", suffix=".json")
+        with open(fd, "w", encoding="utf-8") as f:
+            json.dump(result, f, indent=2, ensure_ascii=False, default=str)
+        return f"A copy of the results is kept in {kept}."
+    except OSError as e:
+        if kept is not None:
+            Path(kept).unlink(missing_ok=True)
+        return (f"The results could not be kept elsewhere either ({tempfile.gettempdir()}: {e.strerror or e}): "
+                "run `afinar eval` again once fixed.")
 
 
 def reference(ex: Example) -> str | None:

@@ -10,9 +10,12 @@ turns each line back into its dataclass. Lines written before records carried an
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, ClassVar
+
+log = logging.getLogger("afinar")
 
 
 @dataclass
@@ -158,20 +161,57 @@ def _legacy_kind(record: dict) -> str | None:
 
 
 def read_metrics(path: str | Path) -> list[Event]:
-    """Every record of a `metrics.jsonl`, as dataclasses; a line cut short by a crash ends the list."""
+    """Every record of a `metrics.jsonl`, as dataclasses.
+
+    A last line that does not parse is one a crash cut short mid-write (possibly inside a multi-byte
+    character: records are UTF-8): it is dropped silently. A bad line before it (an edit, a damaged
+    disk block) is skipped with a warning naming it, and every good record after it is kept: a
+    resume rewrites the file from what this returns, so stopping there would delete them.
+    """
     path = Path(path)
     if not path.is_file():
         return []
+    # Split the bytes, not the text: one torn character must cost one line, and str.splitlines would
+    # also split inside a message holding U+2028, which json.dumps(ensure_ascii=False) leaves raw.
+    lines = path.read_bytes().split(b"\n")
+    while lines and not lines[-1].strip():
+        lines.pop()
     out: list[Event] = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    bad: list[tuple[int, bytes]] = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
         try:
-            record = json.loads(line)
+            event = _parse(line)
         except ValueError:
-            break
-        event = from_dict(record) if isinstance(record, dict) else None
+            if number < len(lines):
+                bad.append((number, line))
+            continue
         if event is not None:
             out.append(event)
+    if bad:
+        log.warning(_damaged(path, bad, len(out)))
     return out
+
+
+def _parse(line: bytes) -> Event | None:
+    """One line's record; ValueError when it is not one (bad UTF-8 or JSON, or a record missing its fields)."""
+    record = json.loads(line.decode("utf-8"))  # UnicodeDecodeError is a ValueError
+    if not isinstance(record, dict):
+        raise ValueError(f"a JSON {type(record).__name__}, not an object")
+    try:
+        return from_dict(record)
+    except TypeError as e:  # a known event without its fields
+        raise ValueError(str(e)) from None
+
+
+def _damaged(path: Path, bad: list[tuple[int, bytes]], kept: int) -> str:
+    numbers = ", ".join(str(n) for n, _ in bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+    first = bad[0][1].decode("utf-8", errors="replace")
+    shown = first if len(first) <= 60 else first[:57] + "..."
+    what = f"line {numbers} is not a metrics record" if len(bad) == 1 else f"lines {numbers} are not metrics records"
+    return (f"{path}: {what} (line {bad[0][0]}: {shown!r}); skipped, the other {kept} records are kept. "
+            f"Fix or delete {'that line' if len(bad) == 1 else 'those lines'} if the run's history matters.")
 
 
 def of_kind(events: list[Event], kind: type) -> list:

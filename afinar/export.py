@@ -13,7 +13,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from afinar import adapters, atomic, models
+from afinar import adapters, atomic, models, oserrors
 from afinar.errors import AfinarError
 from afinar.status import status
 
@@ -40,33 +40,44 @@ def export_adapter(source: str | Path, to: str, output: str | Path | None = None
     fmt = adapters.detect_format(source)
     output = Path(output) if output else source.with_name(f"{source.name}-{to}")
     atomic.refuse_existing(output, overwrite)
-    if fmt == to:  # already in that format (a run holds both): copy the files
-        src = adapter_source(source, to)
-        names = (adapters.PEFT_WEIGHTS, adapters.PEFT_CONFIG) if to == "peft" else (adapters.MLX_WEIGHTS, adapters.MLX_CONFIG)
-        with atomic.folder(output) as tmp:
-            for name in names:
-                shutil.copy2(src / name, tmp / name)
-        return output
-    if to == "mlx":
-        return adapters.peft_to_mlx(source, output)
-    return adapters.mlx_to_peft(source, output)
+    oserrors.check_writable(output)
+    with oserrors.writing(output):
+        if fmt == to:  # already in that format (a run holds both): copy the files
+            src = adapter_source(source, to)
+            names = (adapters.PEFT_WEIGHTS, adapters.PEFT_CONFIG) if to == "peft" else (adapters.MLX_WEIGHTS, adapters.MLX_CONFIG)
+            with atomic.folder(output) as tmp:
+                for name in names:
+                    shutil.copy2(src / name, tmp / name)
+            return output
+        if to == "mlx":
+            return adapters.peft_to_mlx(source, output)
+        return adapters.mlx_to_peft(source, output)
 
 
 def export_merged(run: str | Path, output: str | Path, overwrite: bool = False, backend: str | None = None,
                   verify: bool = True) -> Path:
     """Merge a run's adapter into its base (dequantized) and save a plain HF model folder."""
-    from afinar.backends import answering_backend
     from afinar.runs import load_run
 
     run, output = Path(run), Path(output)
     cfg, metadata = load_run(run, verify=verify)
+    atomic.refuse_existing(output, overwrite)
+    oserrors.check_writable(output, flag="--merged")  # now, not after loading and merging the model
+    return _merge(run, cfg, metadata, backend, output, output, "--merged")
+
+
+def _merge(run: Path, cfg, metadata: dict, backend: str | None, folder: Path, target: Path, flag: str) -> Path:
+    """Load `run`'s base with its adapter and write them merged into `folder`. A write the machine refuses
+    is named after `target`, the output the user gave as `flag`: a GGUF export merges into a temporary folder."""
+    from afinar.backends import answering_backend
+
     if backend:
         cfg.backend = backend
-    atomic.refuse_existing(output, overwrite)
     engine = answering_backend(cfg)
     with status(f"Loading {cfg.model.base} with the adapter of {run}"):
         tokenizer = engine.load(models.resolve(cfg.model.base), run)
-    with status(f"Merging the adapter into the dequantized base and writing {output}"), atomic.folder(output) as tmp:
+    with status(f"Merging the adapter into the dequantized base and writing {folder}"), \
+            oserrors.writing(target, flag=flag), atomic.folder(folder) as tmp:
         engine.save_merged(tmp)
         tokenizer.save_pretrained(str(tmp))
         atomic.write_json(tmp / "afinar_export.json", {
@@ -75,7 +86,7 @@ def export_merged(run: str | Path, output: str | Path, overwrite: bool = False, 
             "adapter_sha256": metadata.get("adapter", {}).get("sha256"),
             "note": "Adapter folded into the dequantized base weights; not re-quantized.",
         })
-    return output
+    return folder
 
 
 def export_gguf(run: str | Path, output: str | Path, qtype: str = "f16", overwrite: bool = False,
@@ -88,14 +99,17 @@ def export_gguf(run: str | Path, output: str | Path, qtype: str = "f16", overwri
     if output.suffix != ".gguf":
         raise AfinarError(f"{output}: a GGUF file name must end in .gguf, e.g. {output.with_suffix('.gguf')}.")
     atomic.refuse_existing(output, overwrite)
+    oserrors.check_writable(output, flag="OUT.gguf", file_name=f"{run.name}.gguf")
     if qtype not in gguf_export.QTYPES:
         raise AfinarError(f"--type {qtype!r}: choose one of {', '.join(gguf_export.QTYPES)}.")
-    cfg, _ = load_run(run, verify=verify)
+    cfg, metadata = load_run(run, verify=verify)
     base = models.resolve(cfg.model.base)
     if base.is_local:  # say it now, not after minutes of merging
         gguf_export.check_supported(json.loads((Path(base.path) / "config.json").read_text()), f"{base.path}/config.json")
-    output.parent.mkdir(parents=True, exist_ok=True)
+    with oserrors.writing(output, flag="OUT.gguf"):
+        output.parent.mkdir(parents=True, exist_ok=True)
     # The merged folder is as large as the model: build it beside the output, not in a small /tmp.
     with tempfile.TemporaryDirectory(dir=output.parent, prefix=f".{output.name}.") as tmp:
-        merged = export_merged(run, Path(tmp) / "merged", backend=backend, verify=verify)
-        return gguf_export.write_gguf(merged, output, qtype)
+        merged = _merge(run, cfg, metadata, backend, Path(tmp) / "merged", output, "OUT.gguf")
+        with oserrors.writing(output, flag="OUT.gguf"):
+            return gguf_export.write_gguf(merged, output, qtype)

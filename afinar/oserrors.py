@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import getpass
+import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
@@ -55,10 +56,11 @@ def reason_of(error: BaseException) -> str | None:
 
 
 def explain(error: BaseException, path: str | Path, run: str | Path | None = None,
-            mid_run: bool = False, resumable: bool = True) -> EnvironmentFailure | None:
+            mid_run: bool = False, resumable: bool = True, flag: str = "--output") -> EnvironmentFailure | None:
     """The clean error for `error` raised while writing `path` (inside the run folder `run`), or None if
     it is not the environment's fault. A missing file counts only when the run folder itself is gone.
-    `mid_run`: training had started (exit 3); `resumable`: the run has a checkpoint to resume from."""
+    `mid_run`: training had started (exit 3); `resumable`: the run has a checkpoint to resume from;
+    `flag`: how the user named `path` (`--merged`, `OUT.gguf`), for the advice."""
     path = Path(path)
     code = MID_RUN if mid_run else BEFORE_TRAINING
     if run is not None and not Path(run).is_dir() and (
@@ -69,21 +71,23 @@ def explain(error: BaseException, path: str | Path, run: str | Path | None = Non
         reason = NOT_A_FOLDER  # mkdir(exist_ok=True) of a folder that is a regular file
     if reason is None:
         return None
-    where = _nearest_existing(path)
+    # The file the OS refused, when it says: a folder whose permissions are the problem, not the target inside it.
+    refused = getattr(error, "filename", None)
+    where = _nearest_existing(Path(refused) if isinstance(refused, (str, Path)) else path)
     if reason == NO_SPACE:
         free = shutil.disk_usage(where).free / 2**20 if where else None
         left = f" ({free:.0f} MB free there now)" if free is not None else ""
         text = (f"No space left on the disk holding {path}{left}: the write stopped part-way ({_short(error)}). "
-                "Free some space, or choose an --output on another disk.")
+                f"Free some space, or choose another {flag} on a disk with room.")
     elif reason == READ_ONLY:
-        text = f"Cannot write {path}: its filesystem is read-only. Choose an --output on a writable disk."
+        text = f"Cannot write {path}: its filesystem is read-only. Choose another {flag} on a writable disk."
     elif reason == NO_PERMISSION:
         text = (f"No permission to write {path} (as user {_user()}). Fix the permissions of {where}, "
-                "or choose another --output.")
+                f"or choose another {flag}.")
     else:
         blocker = _file_above(path)
         text = (f"Cannot write {path}: {blocker or 'a folder above it'} is a regular file, not a folder "
-                "(is --output under a file?). Choose an --output whose parent folders are folders.")
+                f"(is {flag} under a file?). Choose another {flag} whose parent folders are folders.")
     if mid_run and resumable and run is not None:
         text += f" The checkpoints written so far are kept: once fixed, continue with: afinar train --resume {output_of(run)}"
     return EnvironmentFailure(text, reason, path, code)
@@ -99,17 +103,44 @@ def run_removed(run: str | Path, path: str | Path, exit_code: int = MID_RUN) -> 
 
 @contextmanager
 def writing(path: str | Path, run: str | Path | None = None, mid_run: bool = False,
-            resumable: bool = True) -> Iterator[None]:
+            resumable: bool = True, flag: str = "--output") -> Iterator[None]:
     """Run a write to `path`; an environment failure inside becomes an `EnvironmentFailure` (see `explain`)."""
     try:
         yield
     except AfinarError:
         raise
     except Exception as e:
-        clean = explain(e, path, run, mid_run, resumable)
+        clean = explain(e, path, run, mid_run, resumable, flag)
         if clean is None:
             raise
         raise clean from e
+
+
+def check_writable(path: str | Path, flag: str = "--output", file_name: str | None = None) -> None:
+    """Say now, before the work, what would stop `path` from being written when the work is done: a
+    regular file above it, or a folder above it this user or its filesystem does not let us write.
+    `file_name`: `path` names a file (suggested inside it when `path` is a folder); else a folder."""
+    path = Path(path)
+    if file_name is not None and path.is_dir():
+        raise AfinarError(f"{path} is a folder, but {flag} names the file to write. Give a file path, "
+                          f"e.g. {path / file_name}")
+    above = _nearest_existing(path.parent)
+    if above is None:
+        return
+    if not above.is_dir():
+        refused = errno.ENOTDIR
+    elif os.access(above, os.W_OK | os.X_OK):
+        return
+    else:
+        refused = errno.EROFS if _read_only(above) else errno.EACCES
+    raise explain(OSError(refused, os.strerror(refused), str(above)), path, flag=flag)
+
+
+def _read_only(folder: Path) -> bool:
+    try:
+        return bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+    except (AttributeError, OSError):  # no statvfs on Windows: the message says permission instead
+        return False
 
 
 def _user() -> str:

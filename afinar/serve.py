@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hashlib
 import hmac
 import logging
 import os
+import socket
 import sys
 import threading
 import time
@@ -320,13 +322,31 @@ def config(app: FastAPI, cfg: ServeConfig, host: str, port: int, log_level: str)
                           timeout_keep_alive=cfg.keep_alive_s, http=protocol(cfg.header_timeout_s, cfg.max_connections))
 
 
+def bind(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port (not listening yet), or an AfinarError saying why not and what to do."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:  # in use, not this machine's address, or a host name that does not resolve
+        sock.close()
+        if isinstance(e, socket.gaierror) or e.errno == errno.EADDRNOTAVAIL:
+            fix = "Give --host an address of this machine (127.0.0.1, or 0.0.0.0 for every one)."
+        else:
+            fix = "Stop what holds it, or use another --port (--port 0 picks a free one)."
+        raise AfinarError(f"Cannot listen on {host}:{port}: {e.strerror or e}. {fix}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
 def run(app: FastAPI, host: str, port: int, log_level: str = "info") -> None:
     """Serve until a signal, printing the bound URL (the CLI's path)."""
     state: State = app.state.afinar
+    sock = bind(host, port)  # before the model loads: a port in use is a clean error, not a load to abort
     server = Server(config(app, state.cfg, host, port, log_level))
     server.announce = True
     state.on_failure = lambda: setattr(server, "should_exit", True)
-    server.run()
+    server.run(sockets=[sock])
     if state.engine is not None:  # a forced exit skips the lifespan's shutdown: the engine thread must not
         state.engine.stop()       # be inside torch when the interpreter finalizes
     if state.loading_thread is not None and state.loading_thread.is_alive():

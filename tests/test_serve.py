@@ -283,6 +283,13 @@ def test_cli_serve_rejects_bad_input_cleanly(tmp_path, run):
     (moved / "training_config.json").write_text(json.dumps(cfg))
     # the run is verified against its base before the server binds: one clean message
     assert_user_error(invoke("serve", moved, "--port", "0"), "no-such-model", "no such folder")
+    # a port in use: said before the model loads (a load cut short by the exit used to abort the process)
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        assert_user_error(invoke("serve", run, "--port", str(port)), f"Cannot listen on 127.0.0.1:{port}", "--port 0")
+    assert_user_error(invoke("serve", run, "--host", "203.0.113.7", "--port", "0"), "an address of this machine")
 
 
 # ---------------------------------------------------------------- isolation and limits
