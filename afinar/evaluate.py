@@ -237,6 +237,7 @@ def evaluate_run(run: str | Path, data_file: str | Path | None = None, max_token
                    "model_mb": round(loaded - before, 1), "peak_mb": round(memory["peak_memory_mb"], 1)},
         "device": predictor.backend.describe(),
         "training": {k: metadata.get(k) for k in ("steps", "train_time_s", "tokens_per_s", "peak_memory_mb", "best_val_loss")},
+        "adapter_sha256": (metadata.get("adapter") or {}).get("sha256"),  # what was measured (see write_results)
         "evaluated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "answers": primary["answers"],
     }
@@ -249,7 +250,20 @@ def check_output(path: str | Path) -> None:
 
 def write_results(path: str | Path, result: dict) -> None:
     """Write the results to `path` (atomic). If the machine refuses (disk full, read-only), the error names
-    `path` and where a copy of the results was kept: the evaluation they cost is not lost with the write."""
+    `path` and where a copy of the results was kept: the evaluation they cost is not lost with the write.
+
+    Results bound for the run folder itself are refused if the run was replaced while it was evaluated
+    (`train --overwrite` finishing meanwhile): they measure an adapter that folder no longer holds."""
+    run = Path(result.get("run", ""))
+    if result.get("adapter_sha256") and Path(path).resolve().parent == run.resolve():
+        try:
+            now = (json.loads((run / "metadata.json").read_text(encoding="utf-8")).get("adapter") or {}).get("sha256")
+        except (OSError, ValueError):
+            now = None
+        if now != result["adapter_sha256"]:
+            raise AfinarError(f"{run} was replaced while it was evaluated (its adapter is now {str(now)[:12]}, the "
+                              f"evaluated one {result['adapter_sha256'][:12]}): these results are not written into "
+                              f"it. {_keep_elsewhere(result)} Evaluate the new run again: afinar eval {run}")
     try:
         with oserrors.writing(path):
             atomic.write_json(path, result)

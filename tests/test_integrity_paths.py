@@ -310,3 +310,24 @@ def test_resume_on_a_full_disk_is_a_clean_error(cfg, partial, monkeypatch):
     finally:
         writer.release()
     assert err.value.reason == oserrors.NO_SPACE and err.value.path == partial / "metrics.jsonl"
+
+
+def test_eval_of_a_run_replaced_meanwhile_is_not_written_into_it(finished, tmp_path, monkeypatch):
+    copy = shutil.copytree(finished, tmp_path / "run")
+    before = (copy / "eval.json").read_bytes() if (copy / "eval.json").exists() else None
+    metadata = json.loads((copy / "metadata.json").read_text())
+
+    def evaluated_then_replaced(run, *a, **k):  # `train --overwrite` published a new run during the evaluation
+        replaced = {**metadata, "adapter": {**metadata["adapter"], "sha256": "f" * 64}}
+        (copy / "metadata.json").write_text(json.dumps(replaced))
+        return {"run": str(run), "answers": [], "adapter_sha256": metadata["adapter"]["sha256"]}
+
+    monkeypatch.setattr(evaluate, "evaluate_run", evaluated_then_replaced)
+    result = invoke("eval", copy)
+    clean_exit_2(result, "was replaced while it was evaluated", "A copy of the results is kept in", f"afinar eval {copy}")
+    assert ((copy / "eval.json").read_bytes() if (copy / "eval.json").exists() else None) == before
+    Path(" ".join(result.output.split()).split("A copy of the results is kept in ")[1].split()[0].rstrip(".")).unlink()
+    # an unchanged run takes its results as before
+    monkeypatch.setattr(evaluate, "evaluate_run", lambda run, *a, **k: {"run": str(run), "answers": [],
+                                                                        "adapter_sha256": "f" * 64})
+    assert invoke("eval", copy, "--json").exit_code == 0 and json.loads((copy / "eval.json").read_text())["adapter_sha256"] == "f" * 64
