@@ -27,6 +27,22 @@ app = typer.Typer(
     help="afinar: fine-tune an open LLM on your own Q&A data (LoRA / QLoRA), measure it, and answer in JSON.",
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
 )
+
+
+def _version(value: bool) -> None:
+    if value:
+        from afinar import __version__
+
+        print(f"afinar {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                                help="Print afinar's version and exit.")] = False) -> None:
+    pass
+
+
 data_app = typer.Typer(help="Inspect and split datasets (JSONL, JSON, Parquet, saved Hugging Face datasets).", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 console = Console()
@@ -322,7 +338,7 @@ def export(
         if output is not None:
             raise AfinarError("--output goes with --to peft|mlx; with --to gguf, give the file after the run: afinar export RUN --to gguf OUT.gguf")
         path = E.export_gguf(source, gguf_file, type_ or "f16", overwrite, backend, verify=not no_verify)
-        console.print(f"GGUF ({type_ or 'f16'}) written to {path} (llama-server -m {path} --jinja; Ollama: see docs/GUIDE.md)")
+        console.print(f"GGUF ({type_ or 'f16'}) written to {path} (llama-server -m {path} --jinja; Ollama needs a Modelfile with the chat template: see the GUIDE's GGUF section)")
     elif to is not None:
         path = E.export_adapter(source, to, output, overwrite, verify=not no_verify)
         console.print(f"Adapter ({to}) written to {path}")
@@ -373,6 +389,8 @@ def data_check(
     from afinar import datacheck, models
 
     cfg = resolve_config(config, preset, set_, quiet=as_json)
+    if str(path).startswith(D.BUNDLED):  # the names the presets use: bundled:farense/train.jsonl
+        path = D.resolve_path(str(path))
     # Read (and so validate) every file before loading a tokenizer: data errors come first, and fast.
     read = {name: D.read_examples(file) for name, file in datacheck.find_files(path).items()}
     from transformers import AutoTokenizer

@@ -93,8 +93,26 @@ def run_demo(output: str | Path = "runs/demo", extra: list[str] = (), console: C
         figures.insert(0, f"Test fact recall (held out): [bold]{_recall(test_score)}[/]")
     console.print("; ".join(figures) + f" (answers containing every keyword of the reference; details in "
                   f"{escape(str(run))}/fact_recall.json)")
-    console.print(f"Demo wall time: {result['demo_wall_time_s']:.0f} s. Ask more: afinar ask {escape(str(run))} \"...\"")
+    console.print(f"Demo wall time: {result['demo_wall_time_s']:.0f} s. Ask more: {escape(_command())} ask "
+                  f"{escape(str(run))} \"...\"")
     return result
+
+
+def _command() -> str:
+    """How to call this afinar again: `afinar` where that is on PATH, else this environment's (`make demo` runs .venv's)."""
+    import shutil
+    import sys
+
+    here = Path(sys.executable).with_name("afinar")
+    found = shutil.which("afinar")
+    if found is not None and (not here.exists() or Path(found).resolve() == here.resolve()):
+        return "afinar"
+    if here.exists():
+        try:
+            return str(here.relative_to(Path.cwd()))
+        except ValueError:
+            return str(here)
+    return f"{sys.executable} -m afinar"
 
 
 def _recall(score: dict) -> str:

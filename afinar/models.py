@@ -161,7 +161,9 @@ def _materialise_gguf(gguf: Path, folder: Path) -> Path:
     """Dequantize a GGUF file into a plain HF folder, once; atomic (temp folder + rename)."""
     marker = folder / "afinar_source.json"
     stat = gguf.stat()
-    source = {"gguf": str(gguf), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    # The file's identity, not its path: two installs of the same package (two venvs) share one folder
+    # instead of replacing it in turn, under a process of the other that may be reading it.
+    source = {"gguf": gguf.name, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
     if marker.is_file() and json.loads(marker.read_text()) == source:
         return folder
     import torch

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
+import afinar
 from afinar.cli import app
 
 from conftest import QA, qa_rows, write_jsonl
@@ -94,6 +98,19 @@ def test_data_check(tiny_model, qa_files):
     row = next(line for line in out.splitlines() if "examples" in line)
     assert "6" in row and "2" in row  # 6 training, 2 validation examples
     assert "Questions in both train and val: 0" in out
+
+
+def test_data_check_takes_the_bundled_names_the_presets_use(tiny_model):
+    result = invoke("data", "check", "bundled:farense/val.jsonl", "--set", f"model.base={tiny_model}", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["files"][str(Path(afinar.__file__).parent / "bundled/farense/val.jsonl")]["examples"] > 50
+    assert_user_error(invoke("data", "check", "bundled:farense/nope.jsonl"), "no such bundled file", "bundled:farense/train.jsonl")
+
+
+def test_version_and_python_dash_m():
+    assert invoke("--version").stdout.strip() == f"afinar {afinar.__version__}"
+    out = subprocess.run([sys.executable, "-m", "afinar", "--version"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == f"afinar {afinar.__version__}", out.stderr
 
 
 def test_data_check_json(tiny_model, tiny_tokenizer, qa_files):

@@ -83,21 +83,19 @@ def link_site(dists: list[metadata.Distribution], site: Path) -> None:
                 (site / top).symlink_to(target)
 
 
-def seed_model_cache(home: Path, site: Path) -> None:
+def seed_model_cache(home: Path) -> None:
     """The embedded model, already dequantized in the shared test cache, reused (not re-materialised)
-    where the new venv will look for it: its GGUF file now sits at another path, which the cache key names."""
+    where the new venv will look for it. The cache key names the GGUF file's name, size and mtime, not
+    its path: the new venv's copy (a link to the same file) matches it."""
     from afinar import models
 
     shared = Path(models.resolve("smollm2-135m-instruct").path)  # materialises it once if this cache lacks it
-    package, filename = models.EMBEDDED["smollm2-135m-instruct"]
     folder = home / "models" / "smollm2-135m-instruct"
     folder.mkdir(parents=True)
     for f in shared.iterdir():
         if f.name != "afinar_source.json":
             (folder / f.name).symlink_to(f)
-    marker = json.loads((shared / "afinar_source.json").read_text())
-    marker["gguf"] = str(site / package / filename)  # a changed key format only costs a re-materialisation here
-    (folder / "afinar_source.json").write_text(json.dumps(marker))
+    (folder / "afinar_source.json").write_text((shared / "afinar_source.json").read_text())
 
 
 @pytest.mark.slow
@@ -139,7 +137,7 @@ def test_wheel_installs_alone_and_runs_the_demo_from_an_empty_folder(tmp_path):
     user = tmp_path / "empty"  # not the checkout: nothing of the repository is reachable from here
     user.mkdir()
     home = tmp_path / "home"
-    seed_model_cache(home, site)
+    seed_model_cache(home)
     env.update(AFINAR_HOME=str(home), PATH=f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}", HF_HUB_OFFLINE="1")
 
     where = subprocess.run([str(python), "-c", "import afinar, importlib.metadata as m, json; d = m.distribution('afinar'); "
