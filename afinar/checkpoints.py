@@ -7,7 +7,9 @@ Each checkpoint folder is built aside and renamed into place (`atomic.folder`), 
 (each file's size and sha256) written last, so a crash mid-write leaves the previous ones
 intact, and a file damaged later (a full disk, a bad copy, a flipped byte) is found and named.
 Resuming takes the newest checkpoint that matches its manifest and loads; damaged newer ones
-are reported with the steps they cost, and removed.
+are reported with the steps they cost, and removed. `best/` is checked then too, before any
+training: damaged, or written after the checkpoint resumed from, it is discarded; moved aside
+by a crash in the middle of its replacement, it is put back.
 """
 
 from __future__ import annotations
@@ -38,6 +40,14 @@ class NoValidCheckpoint(AfinarError):
     """Every step checkpoint of a run is damaged: nothing to resume from."""
 
     exit_code = 2
+    resumable = False  # "--resume" again would fail the same way: the message says what does work
+
+
+class Incompatible(AfinarError):
+    """The checkpoints do not fit the config a forced resume changed (another LoRA rank): nothing loaded or removed."""
+
+    exit_code = 2
+    resumable = False
 
 
 class CheckpointDamaged(AfinarError):
@@ -101,17 +111,69 @@ def best(run_tmp: Path) -> tuple[dict, Path] | None:
     path = folder(run_tmp) / BEST
     if not path.is_dir():
         return None
+    info, damage = _read_best(path)
+    if damage:
+        raise CheckpointDamaged(
+            f"{path} is damaged ({'; '.join(damage)}): its adapter cannot be used as the run's adapter. "
+            f"Restore it, or continue with: afinar train --resume {output_of(run_tmp)}, which discards it "
+            "(the run then ends with the last adapter, unless a later validation check writes a new best)."
+        )
+    return info, path
+
+
+def _read_best(path: Path) -> tuple[dict | None, list[str]]:
+    """(best.json, what is damaged) of the best folder `path`."""
     damage = [str(d) for d in manifest.verify(path)] if manifest.exists(path) else []
     info, problem = _read_json_object(path / BEST_INFO)
     if problem:
         damage.append(problem)
+    return info, damage
+
+
+def discard_unusable_best(run_tmp: Path, step: int) -> str | None:
+    """Remove checkpoints/best/ if a run resumed at `step` cannot ship it; why, or None if it is kept.
+
+    Checked when resuming, before any training: a damaged best found only at the end would cost
+    the whole resumed run. A best written after `step` comes from training the resume replays
+    (or, with --force, replaces): its loss is not in the resumed metrics, so it is not the best
+    of the run that ends.
+    """
+    path = folder(run_tmp) / BEST
+    if not path.is_dir():
+        return None
+    info, damage = _read_best(path)
+    written = info.get("step") if info else None
+    if info and not isinstance(written, int):
+        damage.append(f"{BEST_INFO} names no step")
     if damage:
-        raise CheckpointDamaged(
-            f"{path} is damaged ({'; '.join(damage)}): its adapter cannot be used as the run's adapter. "
-            f"Restore it, or delete {path} and continue with: afinar train --resume {output_of(run_tmp)} "
-            "(the run then ends with the last adapter, unless a later validation check writes a new best)."
-        )
-    return info, path
+        why = f"{path} is damaged ({'; '.join(damage)})"
+    elif written <= step:
+        return None
+    else:
+        why = (f"{path} holds the best adapter of step {written}, after the checkpoint resumed from (step {step}): "
+               "it comes from training that is now replayed")
+    shutil.rmtree(path)
+    return why + "; it was discarded"
+
+
+def restore_interrupted_swaps(run_tmp: Path) -> str | None:
+    """Put back each `checkpoints/.<name>.old` whose `<name>` is missing; what was restored, or None.
+
+    A crash inside `atomic.folder`'s swap (the old folder moved aside, the new one not yet in place)
+    leaves the previous version there whole: for `best/` the only copy of the run's best adapter.
+    Call it before `cleanup_partial_writes`, which would delete it.
+    """
+    root = folder(run_tmp)
+    restored = []
+    for path in sorted(root.iterdir()) if root.is_dir() else []:
+        name = path.name[1:-len(".old")] if path.name.startswith(".") and path.name.endswith(".old") else ""
+        if name and path.is_dir() and not (root / name).exists():
+            os.replace(path, root / name)
+            restored.append(name)
+    if not restored:
+        return None
+    return (f"restored {', '.join(f'{root / n}/' for n in restored)} from the copy a crash left while replacing "
+            f"{'it' if len(restored) == 1 else 'them'}")
 
 
 # ---------------------------------------------------------------- resume
@@ -201,6 +263,8 @@ def _newest_valid(run_tmp: Path, loader: Callable[[Path], None] | None) -> Resum
         if not problems and loader is not None:
             try:
                 loader(path)
+            except Incompatible:
+                raise  # the config's fault, not the checkpoint's: nothing is damaged, nothing removed
             except Exception as e:
                 if isinstance(e, MemoryError) or "out of memory" in str(e).lower():
                     raise  # the device, not the checkpoint

@@ -30,6 +30,11 @@ def export_adapter(source: str | Path, to: str, output: str | Path | None = None
     """Convert the adapter in `source` (a run, a PEFT folder or an mlx-lm folder) to format `to`."""
     source = Path(source)
     if not source.is_dir():
+        from afinar.runpaths import partial
+        from afinar.verify import run_not_found
+
+        if partial(source).exists() or source.with_name(source.name + ".old").is_dir():
+            raise run_not_found(source)  # an unfinished or half-replaced run: say how to finish it
         raise AfinarError(f"{source}: no such folder. Pass a run folder or an adapter folder.")
     if to not in ("peft", "mlx"):
         raise AfinarError(f"--to {to!r}: choose 'peft' or 'mlx' (adapter formats), or 'gguf' (a merged GGUF file).")

@@ -116,6 +116,16 @@ def holder(output: str | Path) -> dict | None:
     return info if isinstance(info, dict) else None
 
 
+def live_holder(output: str | Path) -> dict | None:
+    """What `holder` says, if that process is still alive: `output` is then being written now.
+
+    Reads only: a reader such as `ask` must not take the lock, even for a moment (a trainer starting
+    then would stop). The one error: a killed holder's PID reused since by another process.
+    """
+    info = holder(output)
+    return info if info and _alive(info.get("pid")) else None
+
+
 def _describe_holder(path: Path) -> str:
     output = path.with_name(path.name.removesuffix(SUFFIX))
     # The holder writes its line just after locking; until then the file is empty or names a dead process.
@@ -138,7 +148,17 @@ def _alive(pid) -> bool:
         return False
     except PermissionError:  # alive, owned by another user
         return True
-    return True
+    return not _zombie(pid)
+
+
+def _zombie(pid: int) -> bool:
+    """Ended but not yet reaped by its parent (Linux): its descriptors, and so its lock, are already gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    fields = stat.rsplit(")", 1)[-1].split()  # the command name, in parentheses, may hold spaces
+    return bool(fields) and fields[0] == "Z"
 
 
 def _try_lock(file: IO[bytes]) -> bool:

@@ -48,6 +48,11 @@ MLX_ADAPTER_CONFIG = f"{adapters.MLX_SUBDIR}/{adapters.MLX_CONFIG}"
 RUN_FILES = (ADAPTER, ADAPTER_CONFIG, MLX_ADAPTER, MLX_ADAPTER_CONFIG, TRAINING_CONFIG, METADATA,
              TRAINING_STATE, METRICS, GUIDE)
 MANIFEST = manifest.MANIFEST  # written last: every file above with its size and sha256
+# In `<output>.partial/` only: the fingerprints of the data and base model the run started on, which
+# a resume must match like the config; the finished run records them in metadata.json instead.
+INPUTS = "inputs.json"
+# Config keys that shape the LoRA weights: a checkpoint saved under other values does not load.
+SHAPING = {"lora.rank": "rank-{} weights", "lora.target_modules": "adapters of {}", "model.base": "weights trained on {!r}"}
 
 
 def method_config_name(cfg: Config) -> str:
@@ -68,25 +73,39 @@ class RunWriter:
     output: Path
     history: list[events.Event] = field(default_factory=list)
     lock: runlock.RunLock | None = None
+    inputs: dict = field(default_factory=dict)  # what inputs.json holds, once `accept` ran on a resume
+    notes: list[str] = field(default_factory=list)  # for the trainer to show (the writer emits no events)
+    _pending: tuple | None = None  # (config, inputs, history, replaced) a resume writes once a checkpoint has loaded
 
     @property
     def tmp(self) -> Path:
         return partial(self.output)
 
     @classmethod
-    def create(cls, output: str | Path, overwrite: bool = False, cfg: Config | None = None) -> "RunWriter":
+    def create(cls, output: str | Path, overwrite: bool = False, cfg: Config | None = None,
+               inputs: dict | None = None) -> "RunWriter":
+        """`inputs`: the fingerprints of the data and base model (see INPUTS) that a resume must match."""
         output = Path(output)
+        _check_output(output)
         lock = runlock.acquire(output)  # first: a second writer stops here, before it reads or deletes anything
         try:
             with oserrors.writing(output):
-                return cls._create(output, overwrite, cfg, lock)
+                return cls._create(output, overwrite, cfg, lock, inputs)
         except BaseException:
             lock.release()
             raise
 
     @classmethod
-    def _create(cls, output: Path, overwrite: bool, cfg: Config | None, lock: runlock.RunLock) -> "RunWriter":
+    def _create(cls, output: Path, overwrite: bool, cfg: Config | None, lock: runlock.RunLock,
+                inputs: dict | None = None) -> "RunWriter":
+        if (output.exists() or output.is_symlink()) and not output.is_dir():
+            # Not "pass --overwrite": a run never replaces a file, which is more likely a mistyped --output.
+            raise AfinarError(f"--output {output} is a file, not a run folder: a run is a folder and never replaces a "
+                              "file. Choose another --output, or move the file away first.")
         atomic.refuse_existing(output, overwrite)
+        if overwrite and output.is_dir() and not is_run(output) and any(output.iterdir()):
+            raise AfinarError(f"--overwrite replaces an afinar run, and {output} is not one (no {METADATA}): everything "
+                              f"in it would be deleted. Choose another --output, or move {output} away first.")
         writer = cls(output, lock=lock)
         if writer.tmp.exists():
             saved = checkpoints.step_checkpoints(writer.tmp)
@@ -100,42 +119,79 @@ class RunWriter:
         checkpoints.folder(writer.tmp).mkdir()
         if cfg is not None:  # first thing written: what a resume must match
             atomic.write_json(writer.tmp / TRAINING_CONFIG, cfg.model_dump(mode="json"))
+        if inputs is not None:
+            writer.inputs = {**inputs, "replaced": []}
+            atomic.write_json(writer.tmp / INPUTS, writer.inputs)
         return writer
 
     @classmethod
-    def reopen(cls, output: str | Path, cfg: Config, force: bool = False) -> "RunWriter":
-        """The unfinished run at `<output>.partial/`, checked against `cfg`."""
+    def reopen(cls, output: str | Path, cfg: Config, force: bool = False, inputs: dict | None = None) -> "RunWriter":
+        """The unfinished run at `<output>.partial/`, checked against `cfg` and `inputs` (see `create`).
+
+        Nothing is written: with --force, the new config and inputs replace the saved ones only in
+        `accept`, once a checkpoint has loaded under them; a resume that fails leaves the run as it was.
+        """
         output = Path(output)
+        _check_output(output)
         lock = runlock.acquire(output)
         try:
-            return cls._reopen(output, cfg, force, lock)
+            return cls._reopen(output, cfg, force, lock, inputs)
         except BaseException:
             lock.release()
             raise
 
     @classmethod
-    def _reopen(cls, output: Path, cfg: Config, force: bool, lock: runlock.RunLock) -> "RunWriter":
+    def _reopen(cls, output: Path, cfg: Config, force: bool, lock: runlock.RunLock,
+                inputs: dict | None = None) -> "RunWriter":
         writer = cls(output, lock=lock)
         saved_cfg = writer.tmp / TRAINING_CONFIG
         if not saved_cfg.is_file():
             done = " It has finished already." if (output / METADATA).is_file() else ""
             raise AfinarError(f"Nothing to resume: {writer.tmp} does not hold an unfinished run.{done}")
-        before = _flatten(read_json(saved_cfg))
-        after = _flatten(cfg.model_dump(mode="json"))
-        differ = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
-        if differ and not force:
-            changes = "; ".join(f"{k}: {before.get(k)!r} -> {after.get(k)!r}" for k in differ)
-            raise AfinarError(f"The config differs from the run being resumed ({changes}). "
-                              "Resume with the same settings, or pass --force to continue anyway.")
-        if differ:
-            atomic.write_json(saved_cfg, cfg.model_dump(mode="json"))
+        differ = config_changes(writer.tmp, cfg)
+        saved_inputs = _read_inputs(writer.tmp / INPUTS)
+        replaced = _replaced_inputs(saved_inputs, inputs) if saved_inputs is not None and inputs is not None else []
+        if (differ or replaced) and not force:
+            parts = []
+            if differ:
+                changes = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in differ.items())
+                parts.append(f"The config differs from the run being resumed ({changes}).")
+            for name, entry, old, new in replaced:
+                parts.append(f"{name} {entry.get('path')} changed since the run started ({_HASHES.get(name, 'sha256')} "
+                             f"{old[:12]}... -> {new[:12]}...): the steps so far trained on the old one.")
+            restore = [str(entry.get("path")) for _, entry, _, _ in replaced]
+            fix = "Resume with the same settings" + (f" and restore {', '.join(restore)}" if restore else "")
+            raise AfinarError(" ".join(parts) + f" {fix}, or pass --force to continue anyway.")
+        if saved_inputs is None and inputs is not None:
+            writer.notes.append(f"{writer.tmp} records no fingerprints of its data and base model (started by an older "
+                                "afinar): they are not checked against what the steps so far trained on.")
+        writer._pending = (cfg.model_dump(mode="json") if differ else None, inputs,
+                           (saved_inputs or {}).get("replaced", []), [(name, old) for name, _, old, _ in replaced])
         return writer
+
+    def accept(self, step: int) -> None:
+        """Make a resume's config and inputs the run's own: called once the checkpoint of `step` has loaded
+        under them (or at step 0, with none to load)."""
+        if self._pending is None:
+            return
+        cfg_dump, inputs, history, replaced = self._pending
+        self._pending = None
+        if cfg_dump is not None:
+            atomic.write_json(self.tmp / TRAINING_CONFIG, cfg_dump)
+        if inputs is None:
+            return
+        # Steps after `step` belonged to a timeline the resume discards, and so did the inputs they trained on.
+        history = [{**h, "until_step": min(h["until_step"], step)} for h in history]
+        history += [{"input": name, "hash": old, "until_step": step} for name, old in replaced]
+        self.inputs = {**inputs, "replaced": [h for h in history if h["until_step"] > 0]}
+        atomic.write_json(self.tmp / INPUTS, self.inputs)
 
     def truncate(self, step: int) -> None:
         """Forget records logged after `step` (work lost with the crash) and reload the rest."""
         path = self.tmp / METRICS
         kept = [e for e in events.read_metrics(path) if getattr(e, "step", 0) <= step and not isinstance(e, events.Done)]
-        atomic.write_text(path, "".join(events.to_json(e) + "\n" for e in kept))
+        with oserrors.writing(path):
+            atomic.write_text(path, "".join(events.to_json(e) + "\n" for e in kept))
         self.history = kept
 
     def release(self) -> None:
@@ -188,19 +244,20 @@ class RunWriter:
         missing = [name for name in RUN_FILES if not (tmp / name).is_file()]
         if missing:
             raise AssertionError(f"run folder incomplete before publishing, missing {missing}")
+        (tmp / INPUTS).unlink(missing_ok=True)  # metadata.json records the inputs now
         # Last: each file's size and sha256, so ask/serve/eval/export can tell a run changed after training.
         manifest.write(tmp, [*RUN_FILES, method_config_name(cfg)])
         atomic.make_readable(tmp)
         atomic.fsync_tree(tmp)
-        old = None
+        old = self.output.with_name(self.output.name + ".old")
         if self.output.exists():  # --overwrite: swap, then delete the old run
-            old = self.output.with_name(self.output.name + ".old")
-            shutil.rmtree(old, ignore_errors=True)
+            _remove(old)
             os.replace(self.output, old)
         os.replace(tmp, self.output)
         atomic.fsync_dir(self.output.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        # Also the one an --overwrite killed between its two renames left: kept until now, when a
+        # complete run is in place, since until now it was the only one.
+        _remove(old)
         return self.output
 
     def abandon(self) -> None:
@@ -226,6 +283,76 @@ class NullWriter(RunWriter):
 
     def abandon(self) -> None:
         pass
+
+
+def is_run(path: Path) -> bool:
+    """A folder afinar wrote as a run (finished, or one whose files an interrupted delete left part of)."""
+    return path.is_dir() and any((path / name).is_file() for name in (METADATA, MANIFEST, TRAINING_CONFIG))
+
+
+def _check_output(output: Path) -> None:
+    """`-o .` or `-o ..`: a run is published by renaming a folder beside it onto it, which cannot be
+    done to the folder a process works in (and `.` has no name to put a `.partial` beside). And a
+    `<output>.old` that afinar did not put there: publishing deletes it."""
+    here = Path.cwd()
+    if output.name in ("", ".", "..") or output.resolve() in (here, *here.parents):
+        raise AfinarError(f"--output {output} is the current folder or one above it: a run is a folder of its own. "
+                          "Give a new folder's name, e.g. --output runs/my-run")
+    old = output.with_name(output.name + ".old")
+    if old.exists() and not is_run(old):  # publishing deletes <output>.old: only ever a run afinar put there
+        raise AfinarError(f"{old} exists and is not an afinar run; afinar keeps a replaced run there for a "
+                          f"moment and deletes it. Rename {old}, or choose another --output.")
+
+
+def _remove(path: Path) -> None:
+    """Delete a folder or a file (rmtree of a file fails, and ignore_errors would hide that)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def config_changes(run_tmp: Path, cfg: Config) -> dict[str, tuple]:
+    """{flattened key: (saved value, value in `cfg`)} for each setting `cfg` changes in the run at `run_tmp`."""
+    before = _flatten(read_json(Path(run_tmp) / TRAINING_CONFIG))
+    after = _flatten(cfg.model_dump(mode="json"))
+    return {k: (before.get(k), after.get(k)) for k in sorted(before.keys() | after.keys()) if before.get(k) != after.get(k)}
+
+
+_HASHES = {"model.base": "fingerprint of config.json and the weight files' sizes"}
+
+
+def _hash(entry: dict) -> str | None:
+    value = entry.get("sha256") or entry.get("fingerprint")
+    return value if isinstance(value, str) else None
+
+
+def _replaced_inputs(before: dict, after: dict) -> list[tuple[str, dict, str, str]]:
+    """(name, entry now, old hash, new hash) for each input whose setting is unchanged but content is not.
+
+    A changed setting (another data.train) is a config change, named as such.
+    """
+    found = []
+    for name, entry in after.items():
+        old = before.get(name)
+        if not (isinstance(entry, dict) and isinstance(old, dict)) or old.get("setting") != entry.get("setting"):
+            continue
+        if (a := _hash(old)) and (b := _hash(entry)) and a != b:
+            found.append((name, entry, a, b))
+    return found
+
+
+def _read_inputs(path: Path) -> dict | None:
+    """inputs.json, or None when the run has none (started by an older afinar) or it is unreadable."""
+    try:
+        found = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(found, dict):
+        return None
+    found["replaced"] = [h for h in found.get("replaced") or []
+                         if isinstance(h, dict) and isinstance(h.get("until_step"), int)]
+    return found
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

@@ -13,6 +13,7 @@ typed events (events.py), which the run writer appends to metrics.jsonl and `on_
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 import platform
 import shutil
@@ -26,7 +27,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Iterator
 
-from afinar import __version__, checkpoints, data, distributed, events, memory, models, oserrors, rng, schedule, sinks
+from afinar import __version__, checkpoints, data, distributed, events, memory, models, oserrors, rng, runs, schedule, sinks
 from afinar.backends import TrainingBackend, training_backend
 from afinar.config import Config
 from afinar.errors import AfinarError
@@ -90,6 +91,7 @@ class Trainer:
         self.on_event = sinks.fan_out(on_event, *sinks.for_config(cfg, self.output)) if self.world.main else None
         self.backend, self._loaded = backend, backend is not None
         self.state = LoopState()
+        self.inputs: dict = {}  # the data's and base model's fingerprints (see _inputs)
         self.writer: RunWriter | None = None
         self.started = time.time()
 
@@ -132,12 +134,16 @@ class Trainer:
             raise AfinarError(f"{cfg.data.train} has {len(self.train_ex)} examples, fewer than "
                               f"train.batch_size={cfg.train.batch_size}.")
         self.resolved = models.resolve(cfg.model.base)
+        # Hashed now, as read: what a resume must match, and what metadata.json records at the end.
+        self.inputs = _inputs(cfg, self.resolved) if self.world.main else {}
         if not self.world.main:  # only rank 0 writes the run folder
             self.writer = NullWriter(self.output)
         elif self.resume:
-            self.writer = RunWriter.reopen(self.output, cfg, self.force)
+            self.writer = RunWriter.reopen(self.output, cfg, self.force, self.inputs)
         else:
-            self.writer = RunWriter.create(self.output, self.overwrite, cfg)
+            self.writer = RunWriter.create(self.output, self.overwrite, cfg, self.inputs)
+        for note in self.writer.notes:
+            self.emit(events.Notice(note))
         if not self._loaded:
             self.backend = training_backend(cfg, self.world)
             with self.stage(f"Loading the base model {cfg.model.base}"):
@@ -252,8 +258,13 @@ class Trainer:
             return self._result(stopped, st.step, None)
         best = checkpoints.best(self.writer.tmp)
         diverged = stopped is not None and stopped.reason == "diverged"
+        lost = None
+        if best is None and st.best_step is not None:  # deleted, damaged or from a replayed timeline (see _restore)
+            lost = (f"the best adapter (step {st.best_step}, validation loss {st.best_val:.4f}) was lost with "
+                    f"{checkpoints.folder(self.writer.tmp) / checkpoints.BEST}")
         if diverged and best is None:
-            raise AfinarError(stopped.message + " No validation checkpoint was saved before it, so no run was written.")
+            saved = lost[0].upper() + lost[1:] if lost else "No validation checkpoint was saved before it"
+            raise AfinarError(f"{stopped.message} {saved}, so no run was written.")
         if best is not None and (cfg.train.final_adapter == "best" or diverged):
             for name in ("adapter_model.safetensors", "adapter_config.json"):
                 shutil.copy2(best[1] / name, self.writer.tmp / name)
@@ -262,8 +273,14 @@ class Trainer:
             with oserrors.writing(self.writer.tmp, run=self.writer.tmp, mid_run=True):
                 self.backend.save_adapter(self.writer.tmp)
             adapter_step, adapter_source = st.step, "last"
+        note = None
+        if lost and cfg.train.final_adapter == "best":
+            note = f"train.final_adapter is 'best', but {lost}: the run holds the adapter of the last step ({st.step})."
+            self.emit(events.Notice(note))
         with self.stage("Writing the run folder"):
             metadata = self._metadata(stopped, adapter_step, adapter_source)
+            if note:
+                metadata["adapter_note"] = note
             self.writer.finish(cfg, metadata, self._state_summary(), self._guide_question())
         result = self._result(stopped, adapter_step, metadata)
         self.emit(events.Done(output=str(self.output), train_time_s=metadata["train_time_s"],
@@ -356,11 +373,18 @@ class Trainer:
         costs, and the one before it is used; temporary files of interrupted writes are removed.
         """
         tmp = self.writer.tmp
-        if self.world.main and (left := checkpoints.cleanup_partial_writes(tmp).message()):
-            self.emit(events.Notice(left))
+        if self.world.main:
+            for note in (checkpoints.restore_interrupted_swaps(tmp), checkpoints.cleanup_partial_writes(tmp).message()):
+                if note:
+                    self.emit(events.Notice(note))
 
         def load(folder: Path) -> None:
-            self.backend.load_state(folder)
+            try:
+                self.backend.load_state(folder)
+            except Exception as e:
+                if not self.backend.is_out_of_memory(e) and (reason := self._incompatible(folder, e)):
+                    raise checkpoints.Incompatible(reason) from None
+                raise
             self.backend.set_rng_state(rng.load(folder))
 
         found = checkpoints.load_newest_valid(tmp, load)
@@ -370,11 +394,40 @@ class Trainer:
                 self.emit(events.Notice(message))
             self.state = LoopState(**found.state["loop"])
             step = self.state.step
+        if self.world.main and (notice := self._check_best(step)):
+            self.emit(events.Notice(notice))
         self.writer.truncate(step)
         if self.collective.all_sum([step])[0] != step * self.world.size:
             raise AfinarError(f"The processes resumed {self.writer.tmp} from different steps (this one: {step}): "
                               "every node must read the same run folder (a shared filesystem).")
+        self.writer.accept(step)  # only now: a config the checkpoints do not take must not replace the run's own
         return step if found else None
+
+    def _incompatible(self, folder: Path, error: Exception) -> str | None:
+        """Why `folder` does not load under the config a forced resume changed (e.g. another lora.rank),
+        or None when no setting that shapes the weights changed: then the checkpoint itself is at fault."""
+        changed = {k: v for k, v in runs.config_changes(self.writer.tmp, self.cfg).items() if k in runs.SHAPING}
+        if not changed:
+            return None
+        what = "; ".join(f"{k} {old!r} -> {new!r}: the checkpoints hold {runs.SHAPING[k].format(old)}"
+                         for k, (old, new) in changed.items())
+        keep = " ".join(f"--set {k}=" + (f"[{','.join(old)}]" if isinstance(old, list) else str(old))
+                        for k, (old, _) in changed.items())
+        detail = " ".join(str(error).split())
+        detail = detail if len(detail) <= 120 else detail[:117] + "..."
+        return (f"The changed config does not fit the checkpoints of {self.writer.tmp} ({what}; loading {folder.name} "
+                f"failed: {type(error).__name__}: {detail}). Nothing was changed: resume with the run's own settings "
+                f"(afinar train --resume {self.output} without the change, or with {keep}), or start a new run with "
+                "another --output.")
+
+    def _check_best(self, step: int) -> str | None:
+        """Make checkpoints/best/ fit the resume from `step`, before any training; what to tell the user, or None."""
+        st = self.state
+        problems = [why] if (why := checkpoints.discard_unusable_best(self.writer.tmp, step)) else []
+        if st.best_step is not None and checkpoints.best(self.writer.tmp) is None:
+            problems.append(f"the best adapter so far (step {st.best_step}, validation loss {st.best_val:.4f}) is lost: "
+                            f"the run ends with the last adapter unless a later validation check beats {st.best_val:.4f}")
+        return "; ".join(problems) or None
 
     def _memory_plan(self) -> dict[str, float]:
         """The estimate of a step's memory, for the worst micro-batch: the longest examples together."""
@@ -394,8 +447,9 @@ class Trainer:
         if self.writer is None or not self.world.main:
             return
         if checkpoints.step_checkpoints(self.writer.tmp):
-            # A crash loses at most the work since the last checkpoint.
-            if not isinstance(error, TrainingInterrupted):
+            # A crash loses at most the work since the last checkpoint. Errors that a plain resume would
+            # repeat say themselves what to do instead.
+            if not isinstance(error, TrainingInterrupted) and getattr(error, "resumable", True):
                 self.emit(events.Crashed(resume=f"afinar train --resume {self.output}"))
         else:
             self.writer.abandon()
@@ -419,8 +473,9 @@ class Trainer:
             "afinar_version": __version__,
             "method": cfg.method,
             "base_model": {"name": cfg.model.base, "path": self.resolved.path, "source": self.resolved.source,
-                           "sha256": models.content_hash(self.resolved)},
-            "data": {split: _data_info(value, n) for split, value, n in
+                           "sha256": models.content_hash(self.resolved), **self._replaced("model.base", "fingerprint")},
+            "data": {split: {**_data_info(value, n, self.inputs.get(f"data.{split}", {}).get("sha256")),
+                             **self._replaced(f"data.{split}", "sha256")} for split, value, n in
                      (("train", cfg.data.train, len(self.train_ex)), ("val", cfg.data.val, len(self.val_ex))) if value},
             "examples_truncated": self.prepared.truncated,
             "examples_dropped": self.prepared.dropped,
@@ -448,6 +503,12 @@ class Trainer:
             "stopped": None if stopped is None else asdict(stopped),
             "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
+
+    def _replaced(self, name: str, kind: str) -> dict:
+        """{"earlier_<kind>": [...]}: the content `name` had for the first steps, when a forced resume changed it."""
+        earlier = [{kind: h["hash"], "until_step": h["until_step"]}
+                   for h in self.writer.inputs.get("replaced", []) if h.get("input") == name]
+        return {f"earlier_{kind}": earlier} if earlier else {}
 
     def _result(self, stopped, adapter_step: int, metadata: dict | None) -> TrainResult:
         st = self.state
@@ -492,7 +553,34 @@ class _StopSignal:
         return False
 
 
-def _data_info(value: str, count: int) -> dict:
-    """Where a data file is (absolute, so the run folder says it wherever it is read) and what it holds."""
+def _data_info(value: str, count: int, sha256: str | None = None) -> dict:
+    """Where a data file is (absolute, so the run folder says it wherever it is read) and what it holds
+    (`sha256`: as hashed when this process read it, which is what it trained on)."""
     path = data.resolve_path(value)
-    return {"setting": value, "path": str(path.resolve()), "examples": count, "sha256": data.content_sha256(path)}
+    return {"setting": value, "path": str(path.resolve()), "examples": count,
+            "sha256": sha256 or data.content_sha256(path)}
+
+
+def _inputs(cfg: Config, model: models.ResolvedModel) -> dict:
+    """The fingerprints of the run's data files and base model (runs.INPUTS) that a resume compares."""
+    found = {f"data.{split}": {"setting": value, "path": str(data.resolve_path(value).resolve()),
+                               "sha256": data.content_sha256(data.resolve_path(value))}
+             for split, value in (("train", cfg.data.train), ("val", cfg.data.val)) if value}
+    found["model.base"] = {"setting": cfg.model.base, "path": model.path, "fingerprint": _fingerprint(model)}
+    return found
+
+
+def _fingerprint(model: models.ResolvedModel) -> str | None:
+    """sha256 of a local model's config.json and weight index, and of its weight files' names and sizes: not
+    their bytes (models.content_hash reads those, once, for metadata.json), so resuming stays instant while a
+    swapped or re-downloaded model still shows. None for a hub id (the hub cache pins no revision here)."""
+    folder = Path(model.path)
+    if not model.is_local or not folder.is_dir():
+        return None
+    digest = hashlib.sha256()
+    for path in sorted(folder.iterdir()):
+        if path.name == "config.json" or path.name.endswith(".index.json"):
+            digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+        elif path.suffix in (".safetensors", ".bin", ".gguf"):
+            digest.update(f"{path.name}:{path.stat().st_size}\0".encode())
+    return digest.hexdigest()

@@ -22,10 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from afinar import adapters, manifest
+from afinar import adapters, manifest, runlock
 from afinar import targets as lora_targets
 from afinar.config import Config, build_config
 from afinar.errors import AfinarError
+from afinar.runpaths import partial
 
 TRAINING_CONFIG = "training_config.json"
 METADATA = "metadata.json"
@@ -71,9 +72,7 @@ def verify_run(run: str | Path, *, check_base: bool = True, checksums: bool = Tr
     """
     run = Path(run)
     if not run.is_dir():
-        partial = run.with_name(run.name + ".partial")
-        extra = f" ({partial} exists: that run did not finish)" if partial.exists() else ""
-        raise AfinarError(f"Run folder not found: {run}{extra}. Train one with: afinar train --output {run}")
+        raise run_not_found(run)
     missing = [name for name in (TRAINING_CONFIG, ADAPTER_CONFIG, ADAPTER, METADATA) if not (run / name).is_file()]
     if missing:
         raise RunDamaged(run / missing[0], f"{run} is not a complete afinar run: missing {', '.join(missing)}. "
@@ -96,6 +95,32 @@ def verify_run(run: str | Path, *, check_base: bool = True, checksums: bool = Tr
     else:
         info.notes.append("checksums not checked (--no-verify)")
     return info
+
+
+def run_not_found(run: str | Path) -> AfinarError:
+    """The error for a run folder that is not there, saying what its siblings hold: a run still training
+    (`RUN.partial` and a live lock holder), one that did not finish, an --overwrite cut between its renames."""
+    run = Path(run)
+    unfinished, old = partial(run), run.with_name(run.name + ".old")
+    holder = runlock.live_holder(run)
+    if holder is not None:
+        return AfinarError(f"Run folder not found: {run}: it is being trained now by PID {holder.get('pid')} "
+                           f"({holder.get('command', '?')}, since {holder.get('started', '?')}) in {unfinished}, "
+                           "and appears when that finishes. Wait for it, or stop it and continue later with: "
+                           f"afinar train --resume {run}")
+    notes = []
+    resumable = (unfinished / TRAINING_CONFIG).is_file()
+    if resumable:
+        notes.append(f"{unfinished} holds a run that did not finish")
+    elif unfinished.is_dir():  # stopped before it wrote its config: nothing to resume, --output starts it again
+        notes.append(f"{unfinished} holds a run that did not finish, stopped before it saved anything to resume")
+    if old.is_dir():
+        notes.append(f"{old} holds the run it replaces, whole: an --overwrite stopped between its two renames; "
+                     f"rename it back to {run} to use it" + (", or resume, which then deletes it" if resumable else ""))
+    where = f" ({'; '.join(notes)})" if notes else ""
+    if resumable:
+        return AfinarError(f"Run folder not found: {run}{where}. Continue it with: afinar train --resume {run}")
+    return AfinarError(f"Run folder not found: {run}{where}. Train one with: afinar train --output {run}")
 
 
 def _fail(path: Path, problem: str, fix: str = "Restore it from a copy, or train the run again.") -> RunDamaged:

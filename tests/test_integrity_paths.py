@@ -296,8 +296,6 @@ def test_eval_write_failure_at_the_end_keeps_the_results(finished, monkeypatch):
 # ---------------------------------------------------------------- D: a full disk when a resume rewrites metrics.jsonl
 
 
-@pytest.mark.xfail(strict=True, reason="needs afinar/runs.py RunWriter.truncate: the atomic.write_text(path, ...) "
-                                       "inside `with oserrors.writing(path):`")
 def test_resume_on_a_full_disk_is_a_clean_error(cfg, partial, monkeypatch):
     def full(path, text):
         raise OSError(errno.ENOSPC, "No space left on device")

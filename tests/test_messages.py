@@ -58,6 +58,7 @@ def _cli() -> dict[str, set[str]]:
             found[full] = {opt for p in cmd.params for opt in (*p.opts, *p.secondary_opts)} | {"--help"}
 
     walk(root, "")
+    found[""] = {opt for p in root.params for opt in (*p.opts, *p.secondary_opts)}  # afinar --version
     return found
 
 

@@ -184,6 +184,7 @@ def test_existing_output_needs_overwrite(make_cfg, qa_files, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
     (out / "keep.txt").write_text("old run")
+    (out / "metadata.json").write_text("{}")  # an earlier run: --overwrite replaces only runs
     cfg = make_cfg("train.max_steps=1", train=train)
     with pytest.raises(AfinarError, match="already exists"):
         run_training(cfg, out)
