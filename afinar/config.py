@@ -307,7 +307,11 @@ def apply_override(raw: dict, assignment: str) -> None:
     else:
         try:
             value = yaml.safe_load(text) if text.strip() else None
-        except yaml.YAMLError:
+        except yaml.YAMLError as e:
+            if text.strip()[:1] in "[{":  # meant as a list or mapping: taken as text it fails only after loading
+                problem = getattr(e, "problem", None) or "not valid YAML"
+                raise AfinarError(f"--set {assignment!r}: the value is not a valid YAML list or mapping ({problem}). "
+                                  f"Write it whole, e.g. --set {key}=[a, b]") from None
             value = text
         # YAML 1.1 reads 1e-4 as a string; accept it as a number.
         if isinstance(value, str):

@@ -212,6 +212,9 @@ def evaluate_run(run: str | Path, data_file: str | Path | None = None, max_token
         if main is None:
             raise AfinarError(f"{run} was trained without a validation file: pass --data FILE (JSONL with questions "
                               "and answers).")
+    for path in (main, test):  # a data mistake is said before the model loads, not after
+        if path is not None:
+            read_questions(path)
     before = answering_backend(cfg).memory()["memory_mb"]
     with status(f"Loading {cfg.model.base} with the adapter of {run}"):
         predictor = Predictor(run, verify=verify)

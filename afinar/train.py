@@ -132,7 +132,8 @@ class Trainer:
             self.emit(events.Notice(notice))
         if len(self.train_ex) < cfg.train.batch_size:
             raise AfinarError(f"{cfg.data.train} has {len(self.train_ex)} examples, fewer than "
-                              f"train.batch_size={cfg.train.batch_size}.")
+                              f"train.batch_size={cfg.train.batch_size}. Add examples, or lower it: "
+                              f"--set train.batch_size={max(1, len(self.train_ex))}")
         self.resolved = models.resolve(cfg.model.base)
         # Hashed now, as read: what a resume must match, and what metadata.json records at the end.
         self.inputs = _inputs(cfg, self.resolved) if self.world.main else {}

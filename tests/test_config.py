@@ -154,6 +154,9 @@ def test_set_without_equals_is_explained():
 def test_bad_set_value_names_key_and_value():
     msg = error_of(load_config, None, ["train.batch_size=0"])
     assert "train.batch_size" in msg and "0" in msg
+    # a list cut short was taken as the text "[q_proj, v_proj" and failed only after the model loaded
+    msg = error_of(load_config, None, ["lora.target_modules=[q_proj, v_proj"])
+    assert "not a valid YAML list" in msg and "lora.target_modules=[a, b]" in msg
 
 
 def test_yaml_syntax_error_names_file_and_line(tmp_path):

@@ -118,6 +118,15 @@ def test_eval_errors_are_clean(run, tiny_model, tmp_path):
     result = runner.invoke(app, ["eval", str(no_val)], prog_name="afinar")
     assert result.exit_code == 2 and "--data FILE" in result.output
     assert not (no_val / "eval.json").exists()
+    # a broken data file is said before the model loads
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"question": "Onde?", "answer": "Faro"}\n{"question": \n')
+    import afinar.inference
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(afinar.inference, "Predictor", lambda *a, **k: pytest.fail("loaded the model before reading the data"))
+        bad = runner.invoke(app, ["eval", str(run), "--data", str(broken)], prog_name="afinar")
+    assert bad.exit_code == 2 and "broken.jsonl:2" in bad.output and "Traceback" not in bad.output, bad.output
 
 
 @pytest.mark.parametrize("command, options", [

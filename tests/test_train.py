@@ -245,7 +245,7 @@ def test_a_preset_without_data_is_refused_before_anything_loads(tmp_path):
 def test_bad_inputs_fail_before_any_folder(make_cfg, tmp_path):
     one = write_jsonl(tmp_path / "one.jsonl", qa_rows(QA[:1]))
     out = tmp_path / "run"
-    with pytest.raises(AfinarError, match="fewer than train.batch_size"):
+    with pytest.raises(AfinarError, match=r"fewer than train.batch_size=\d+\. Add examples, or lower it: --set train.batch_size="):
         run_training(make_cfg("train.batch_size=2", train=one), out)
     with pytest.raises(AfinarError, match="not found"):
         run_training(make_cfg(train=tmp_path / "missing.jsonl"), out)
