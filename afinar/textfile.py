@@ -107,4 +107,5 @@ def check_path(path: Path) -> None:
     if path.parent.is_dir():
         near = difflib.get_close_matches(path.name, [p.name for p in path.parent.iterdir()], n=1, cutoff=0.6)
     mean = f" Did you mean {path.parent / near[0]}?" if near else ""
-    raise AfinarError(f"Data file not found: {path}.{mean} Check data.train / data.val or the path you passed.")
+    where = "" if path.is_absolute() else f" (a relative path is read from the current folder, {Path.cwd()}, not from the config file's)"
+    raise AfinarError(f"Data file not found: {path}{where}.{mean} Check data.train / data.val or the path you passed.")
