@@ -97,6 +97,11 @@ class TrainConfig(_Section):
         "and/or Weights & Biases (pip install 'afinar[logging]'; W&B reads WANDB_PROJECT, WANDB_MODE=offline, "
         "WANDB_DIR from the environment). [] = metrics.jsonl only."
     )
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _one_sink(cls, value):  # report_to: tensorboard, as target_modules takes one name
+        return [value] if isinstance(value, str) else value
     fast_paths: FastPaths | list[Literal["autocast", "fused_norms", "fused_lora"]] = Field(
         "auto", description="CUDA training speed-ups, each checked equal to the plain path by the tests: 'auto' = all "
         f"of {', '.join(TRAIN_LEVERS)} on CUDA (none elsewhere), 'off' = plain PEFT/transformers, or a list of levers."
@@ -268,6 +273,8 @@ def _format_errors(err: ValidationError, raw: dict, source: str) -> str:
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"])
         value = _lookup(raw, e["loc"])
+        if value is None and e.get("input") is not None:  # a value a validator reshaped ('tb' -> ['tb'])
+            value = e["input"]
         if e["type"] == "extra_forbidden":
             hint = closest_key(key)
             fix = f"did you mean '{hint}'?" if hint else "see `afinar config --reference` for every valid key"

@@ -97,7 +97,8 @@ def test_unknown_top_level_section(tmp_path):
         ("model: {quantization: int3}\n", "model.quantization", "int3"),
         ("lora: {rank: -1}\n", "lora.rank", "-1"),
         ("lora: {dropout: 1.5}\n", "lora.dropout", "1.5"),
-        ("train: {epochs: .inf}\n", "train.epochs", "finite"),  # an endless schedule, once crashed after loading
+        ("train: {epochs: .inf}\n", "train.epochs", "finite"),
+        ("train: {report_to: tb}\n", "train.report_to", "'tb'"),  # one name, as target_modules takes it  # an endless schedule, once crashed after loading
         ("train: {learning_rate: 1e400}\n", "train.learning_rate", "finite"),
     ],
 )
