@@ -255,6 +255,11 @@ ALIASES = {"lr": "learning_rate", "bs": "batch_size", "r": "rank", "steps": "max
 
 
 def closest_key(key: str) -> str | None:
+    if "." not in key:  # a section's name ('trian:', --set train=3): the nearest section, not a key inside one
+        sections = sorted({k.split(".")[0] for k in VALID_KEYS})
+        near = difflib.get_close_matches(key, sections, n=1, cutoff=0.5)
+        if near:
+            return near[0]
     leaf = key.split(".")[-1]
     if leaf in ALIASES:
         aliased = [k for k in VALID_KEYS if k.endswith("." + ALIASES[leaf])]
@@ -304,6 +309,10 @@ def apply_override(raw: dict, assignment: str) -> None:
     key, _, text = assignment.partition("=")
     key = key.strip()
     if key not in VALID_KEYS:
+        sample = next((k for k in sorted(VALID_KEYS) if k.startswith(key + ".")), None)
+        if sample is not None:  # a whole section: say so, not "did you mean <itself>?"
+            raise AfinarError(f"--set {assignment!r}: '{key}' is a section; set one of its keys, e.g. --set {sample}=..."
+                              " (`afinar config --reference` lists them)")
         hint = closest_key(key)
         raise AfinarError(
             f"--set {assignment!r}: unknown key '{key}'" + (f"; did you mean '{hint}'?" if hint else "")

@@ -87,7 +87,7 @@ def test_unknown_yaml_key_names_key_value_and_closest(tmp_path):
 
 def test_unknown_top_level_section(tmp_path):
     msg = error_of(load_config, write(tmp_path, "trian:\n  max_steps: 3\n"))
-    assert "trian" in msg and "'train" in msg
+    assert "trian" in msg and "did you mean 'train'?" in msg  # the section, not some key inside it
 
 
 @pytest.mark.parametrize(
@@ -150,6 +150,11 @@ def test_unknown_set_key_suggests_closest():
 def test_set_without_equals_is_explained():
     msg = error_of(load_config, None, ["train.max_steps"])
     assert "key=value" in msg
+
+
+def test_a_section_set_as_a_key_is_named():
+    msg = error_of(load_config, None, ["train=3"])
+    assert "'train' is a section" in msg and "--set train." in msg
 
 
 def test_bad_set_value_names_key_and_value():
