@@ -71,6 +71,13 @@ def qa_files(tmp_path) -> tuple[Path, Path]:
     return train, val
 
 
+@pytest.fixture(scope="module")
+def data_files(tmp_path_factory) -> tuple[Path, Path]:
+    """qa_files' (train.jsonl, val.jsonl), once per test module: for runs that module fixtures build."""
+    folder = tmp_path_factory.mktemp("data")
+    return write_jsonl(folder / "train.jsonl", qa_rows(QA[:6])), write_jsonl(folder / "val.jsonl", qa_rows(QA[6:]))
+
+
 def tiny_config(model: Path, *overrides: str, train: Path | None = None, val: Path | None = None):
     """Config for the tiny model: plain fp32 LoRA, short schedule; `overrides` as --set strings."""
     from afinar.config import load_config

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from afinar.cli import app
 from afinar.train import run_training
 
-from conftest import QA, Boom, crash_on_step, qa_rows, tiny_config, write_jsonl
+from conftest import Boom, crash_on_step, tiny_config
 
 runner = CliRunner()
 
@@ -22,9 +22,8 @@ def invoke(*args):
 
 
 @pytest.fixture(scope="module")
-def cfg(tiny_model, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("data")
-    train, val = write_jsonl(folder / "train.jsonl", qa_rows(QA[:6])), write_jsonl(folder / "val.jsonl", qa_rows(QA[6:]))
+def cfg(tiny_model, data_files):
+    train, val = data_files
     return tiny_config(tiny_model, "train.max_steps=4", "train.save_every=2", "train.eval_every=2", train=train, val=val)
 
 

@@ -39,14 +39,6 @@ BASE = ("train.max_steps=8", "train.save_every=2", "train.eval_every=2", "train.
 
 
 @pytest.fixture(scope="module")
-def data_files(tmp_path_factory):
-    from conftest import QA, qa_rows, write_jsonl
-
-    folder = tmp_path_factory.mktemp("data")
-    return write_jsonl(folder / "train.jsonl", qa_rows(QA[:6])), write_jsonl(folder / "val.jsonl", qa_rows(QA[6:]))
-
-
-@pytest.fixture(scope="module")
 def cfg(tiny_model, data_files):
     train, val = data_files
     return tiny_config(tiny_model, *BASE, train=train, val=val)

@@ -27,7 +27,7 @@ from afinar.cli import app
 from afinar.runs import RunWriter
 from afinar.train import run_training
 
-from conftest import QA, Boom, crash_on_step, qa_rows, tiny_config, write_jsonl
+from conftest import Boom, crash_on_step, tiny_config
 
 runner = CliRunner()
 
@@ -42,12 +42,6 @@ def clean_exit_2(result, *needles: str) -> None:
     assert "Traceback" not in result.output and isinstance(result.exception, (SystemExit, type(None)))
     for needle in needles:
         assert needle in said, said
-
-
-@pytest.fixture(scope="module")
-def data_files(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("data")
-    return write_jsonl(folder / "train.jsonl", qa_rows(QA[:6])), write_jsonl(folder / "val.jsonl", qa_rows(QA[6:]))
 
 
 @pytest.fixture(scope="module")
