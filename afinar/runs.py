@@ -20,13 +20,13 @@ where each file goes and checks what it reads.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from afinar import adapters, atomic, checkpoints, events, manifest, oserrors, runlock
+from afinar import inputs as run_inputs
 from afinar.config import Config
 from afinar.errors import AfinarError
 from afinar.runpaths import partial
@@ -149,15 +149,15 @@ class RunWriter:
             done = " It has finished already." if (output / METADATA).is_file() else ""
             raise AfinarError(f"Nothing to resume: {writer.tmp} does not hold an unfinished run.{done}")
         differ = config_changes(writer.tmp, cfg)
-        saved_inputs = _read_inputs(writer.tmp / INPUTS)
-        replaced = _replaced_inputs(saved_inputs, inputs) if saved_inputs is not None and inputs is not None else []
+        saved_inputs = run_inputs.read(writer.tmp / INPUTS)
+        replaced = run_inputs.replaced(saved_inputs, inputs) if saved_inputs is not None and inputs is not None else []
         if (differ or replaced) and not force:
             parts = []
             if differ:
                 changes = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in differ.items())
                 parts.append(f"The config differs from the run being resumed ({changes}).")
             for name, entry, old, new in replaced:
-                parts.append(f"{name} {entry.get('path')} changed since the run started ({_HASHES.get(name, 'sha256')} "
+                parts.append(f"{name} {entry.get('path')} changed since the run started ({run_inputs.KIND.get(name, 'sha256')} "
                              f"{old[:12]}... -> {new[:12]}...): the steps so far trained on the old one.")
             restore = [str(entry.get("path")) for _, entry, _, _ in replaced]
             fix = "Resume with the same settings" + (f" and restore {', '.join(restore)}" if restore else "")
@@ -317,42 +317,6 @@ def config_changes(run_tmp: Path, cfg: Config) -> dict[str, tuple]:
     before = _flatten(read_json(Path(run_tmp) / TRAINING_CONFIG))
     after = _flatten(cfg.model_dump(mode="json"))
     return {k: (before.get(k), after.get(k)) for k in sorted(before.keys() | after.keys()) if before.get(k) != after.get(k)}
-
-
-_HASHES = {"model.base": "fingerprint of config.json and the weight files' sizes"}
-
-
-def _hash(entry: dict) -> str | None:
-    value = entry.get("sha256") or entry.get("fingerprint")
-    return value if isinstance(value, str) else None
-
-
-def _replaced_inputs(before: dict, after: dict) -> list[tuple[str, dict, str, str]]:
-    """(name, entry now, old hash, new hash) for each input whose setting is unchanged but content is not.
-
-    A changed setting (another data.train) is a config change, named as such.
-    """
-    found = []
-    for name, entry in after.items():
-        old = before.get(name)
-        if not (isinstance(entry, dict) and isinstance(old, dict)) or old.get("setting") != entry.get("setting"):
-            continue
-        if (a := _hash(old)) and (b := _hash(entry)) and a != b:
-            found.append((name, entry, a, b))
-    return found
-
-
-def _read_inputs(path: Path) -> dict | None:
-    """inputs.json, or None when the run has none (started by an older afinar) or it is unreadable."""
-    try:
-        found = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    if not isinstance(found, dict):
-        return None
-    found["replaced"] = [h for h in found.get("replaced") or []
-                         if isinstance(h, dict) and isinstance(h.get("until_step"), int)]
-    return found
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

@@ -13,7 +13,6 @@ typed events (events.py), which the run writer appends to metrics.jsonl and `on_
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import math
 import platform
 import shutil
@@ -27,7 +26,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Iterator
 
-from afinar import __version__, checkpoints, data, distributed, events, memory, models, oserrors, rng, runs, schedule, sinks
+from afinar import __version__, checkpoints, data, distributed, events, inputs, memory, models, oserrors, rng, runs, schedule, sinks
 from afinar.backends import TrainingBackend, training_backend
 from afinar.config import Config
 from afinar.errors import AfinarError
@@ -91,7 +90,7 @@ class Trainer:
         self.on_event = sinks.fan_out(on_event, *sinks.for_config(cfg, self.output)) if self.world.main else None
         self.backend, self._loaded = backend, backend is not None
         self.state = LoopState()
-        self.inputs: dict = {}  # the data's and base model's fingerprints (see _inputs)
+        self.inputs: dict = {}  # the data's and base model's fingerprints (inputs.py)
         self.writer: RunWriter | None = None
         self.started = time.time()
 
@@ -136,7 +135,7 @@ class Trainer:
                               f"--set train.batch_size={max(1, len(self.train_ex))}")
         self.resolved = models.resolve(cfg.model.base)
         # Hashed now, as read: what a resume must match, and what metadata.json records at the end.
-        self.inputs = _inputs(cfg, self.resolved) if self.world.main else {}
+        self.inputs = inputs.fingerprints(cfg, self.resolved) if self.world.main else {}
         if not self.world.main:  # only rank 0 writes the run folder
             self.writer = NullWriter(self.output)
         elif self.resume:
@@ -560,28 +559,3 @@ def _data_info(value: str, count: int, sha256: str | None = None) -> dict:
     path = data.resolve_path(value)
     return {"setting": value, "path": str(path.resolve()), "examples": count,
             "sha256": sha256 or data.content_sha256(path)}
-
-
-def _inputs(cfg: Config, model: models.ResolvedModel) -> dict:
-    """The fingerprints of the run's data files and base model (runs.INPUTS) that a resume compares."""
-    found = {f"data.{split}": {"setting": value, "path": str(data.resolve_path(value).resolve()),
-                               "sha256": data.content_sha256(data.resolve_path(value))}
-             for split, value in (("train", cfg.data.train), ("val", cfg.data.val)) if value}
-    found["model.base"] = {"setting": cfg.model.base, "path": model.path, "fingerprint": _fingerprint(model)}
-    return found
-
-
-def _fingerprint(model: models.ResolvedModel) -> str | None:
-    """sha256 of a local model's config.json and weight index, and of its weight files' names and sizes: not
-    their bytes (models.content_hash reads those, once, for metadata.json), so resuming stays instant while a
-    swapped or re-downloaded model still shows. None for a hub id (the hub cache pins no revision here)."""
-    folder = Path(model.path)
-    if not model.is_local or not folder.is_dir():
-        return None
-    digest = hashlib.sha256()
-    for path in sorted(folder.iterdir()):
-        if path.name == "config.json" or path.name.endswith(".index.json"):
-            digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
-        elif path.suffix in (".safetensors", ".bin", ".gguf"):
-            digest.update(f"{path.name}:{path.stat().st_size}\0".encode())
-    return digest.hexdigest()
