@@ -108,6 +108,22 @@ class Boom(RuntimeError):
     """A simulated crash."""
 
 
+# A schedule that checkpoints and validates every 2 steps (runs killed and resumed by the fault tests).
+CHECKPOINTED = ("train.max_steps=8", "train.save_every=2", "train.eval_every=2", "train.keep_checkpoints=3",
+                "lora.dropout=0.1", "train.divergence_factor=0")
+
+
+def crash(cfg, out: Path, step: int) -> Path:
+    """Train `out` until the `step`-th optimizer step raises; its `.partial/`."""
+    from afinar.train import run_training
+
+    with pytest.MonkeyPatch.context() as mp:
+        crash_on_step(mp, step)
+        with pytest.raises(Boom):
+            run_training(cfg, out)
+    return out.with_name(out.name + ".partial")
+
+
 def crash_on_step(monkeypatch, step: int, backend_class=None) -> dict:
     """Make the `step`-th optimizer step raise Boom (torch backend unless given); returns the call counter."""
     from afinar.backends.torch_train import TorchTrainer

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from afinar.cli import app
 from afinar.train import run_training
 
-from conftest import Boom, crash_on_step, tiny_config
+from conftest import crash, tiny_config
 
 runner = CliRunner()
 
@@ -27,12 +27,9 @@ def cfg(tiny_model, data_files):
     return tiny_config(tiny_model, "train.max_steps=4", "train.save_every=2", "train.eval_every=2", train=train, val=val)
 
 
-def test_resume_takes_the_runs_config_and_set_changes_need_force(cfg, tmp_path, monkeypatch):
+def test_resume_takes_the_runs_config_and_set_changes_need_force(cfg, tmp_path):
     out = tmp_path / "run"
-    with monkeypatch.context() as mp:
-        crash_on_step(mp, 3)
-        with pytest.raises(Boom):
-            run_training(cfg, out)
+    crash(cfg, out, 3)
     refused = invoke("train", "--resume", out, "--set", "train.max_steps=6")
     said = " ".join(refused.output.split())
     assert refused.exit_code == 2 and "train.max_steps" in said and "4 -> 6" in said and "--force" in said, said

@@ -29,10 +29,8 @@ from afinar.backends import training_backend
 from afinar.cli import app
 from afinar.train import run_training
 from afinar.verify import RunDamaged, verify_run
-from conftest import REPO, Boom, crash_on_step, tiny_config
+from conftest import CHECKPOINTED, REPO, crash, tiny_config
 
-BASE = ("train.max_steps=8", "train.save_every=2", "train.eval_every=2", "train.keep_checkpoints=3",
-        "lora.dropout=0.1", "train.divergence_factor=0")
 
 
 # ---------------------------------------------------------------- fixtures: real runs, built once
@@ -41,18 +39,13 @@ BASE = ("train.max_steps=8", "train.save_every=2", "train.eval_every=2", "train.
 @pytest.fixture(scope="module")
 def cfg(tiny_model, data_files):
     train, val = data_files
-    return tiny_config(tiny_model, *BASE, train=train, val=val)
+    return tiny_config(tiny_model, *CHECKPOINTED, train=train, val=val)
 
 
 @pytest.fixture(scope="module")
 def crashed(cfg, tmp_path_factory) -> Path:
     """`.partial/` of a run that crashed at step 7, with checkpoints at steps 2, 4 and 6."""
-    out = tmp_path_factory.mktemp("crashed") / "run"
-    with pytest.MonkeyPatch.context() as mp:
-        crash_on_step(mp, 7)
-        with pytest.raises(Boom):
-            run_training(cfg, out)
-    partial = out.with_name("run.partial")
+    partial = crash(cfg, tmp_path_factory.mktemp("crashed") / "run", 7)
     assert [s for s, _ in checkpoints.step_checkpoints(partial)] == [2, 4, 6]
     return partial
 

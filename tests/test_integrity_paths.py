@@ -27,7 +27,7 @@ from afinar.cli import app
 from afinar.runs import RunWriter
 from afinar.train import run_training
 
-from conftest import Boom, crash_on_step, tiny_config
+from conftest import crash, tiny_config
 
 runner = CliRunner()
 
@@ -53,12 +53,7 @@ def cfg(tiny_model, data_files):
 @pytest.fixture(scope="module")
 def crashed(cfg, tmp_path_factory) -> Path:
     """`.partial/` of a run that crashed at step 3, with a checkpoint at step 2."""
-    out = tmp_path_factory.mktemp("crashed") / "run"
-    with pytest.MonkeyPatch.context() as mp:
-        crash_on_step(mp, 3)
-        with pytest.raises(Boom):
-            run_training(cfg, out)
-    return out.with_name("run.partial")
+    return crash(cfg, tmp_path_factory.mktemp("crashed") / "run", 3)
 
 
 @pytest.fixture(scope="module")

@@ -17,31 +17,18 @@ from afinar.cli import app
 from afinar.errors import AfinarError
 from afinar.train import run_training
 from afinar.verify import verify_run
-from conftest import QA, Boom, crash_on_step, qa_rows, tiny_config, write_jsonl
-
-BASE = ("train.max_steps=8", "train.save_every=2", "train.eval_every=2", "train.keep_checkpoints=3",
-        "lora.dropout=0.1", "train.divergence_factor=0")
-
+from conftest import CHECKPOINTED, QA, crash, qa_rows, tiny_config, write_jsonl
 
 @pytest.fixture(scope="module")
 def cfg(tiny_model, data_files):
     train, val = data_files
-    return tiny_config(tiny_model, *BASE, train=train, val=val)
-
-
-def crash(cfg, out: Path, step: int = 7) -> Path:
-    """Train `out` until the `step`-th optimizer step raises; its `.partial/`."""
-    with pytest.MonkeyPatch.context() as mp:
-        crash_on_step(mp, step)
-        with pytest.raises(Boom):
-            run_training(cfg, out)
-    return out.with_name(out.name + ".partial")
+    return tiny_config(tiny_model, *CHECKPOINTED, train=train, val=val)
 
 
 @pytest.fixture(scope="module")
 def crashed(cfg, tmp_path_factory) -> Path:
     """`.partial/` of a run that crashed at step 7: checkpoints at steps 2, 4 and 6, best/ from step 6."""
-    partial = crash(cfg, tmp_path_factory.mktemp("crashed") / "run")
+    partial = crash(cfg, tmp_path_factory.mktemp("crashed") / "run", 7)
     assert [s for s, _ in checkpoints.step_checkpoints(partial)] == [2, 4, 6]
     assert checkpoints.best(partial)[0]["step"] == 6  # the validation loss falls at every check
     return partial
@@ -88,9 +75,9 @@ def invoke(*args):
 def test_resume_refuses_training_data_changed_at_the_same_path(tiny_model, tmp_path):
     train = write_jsonl(tmp_path / "data" / "train.jsonl", qa_rows(QA[:6]))
     val = write_jsonl(tmp_path / "data" / "val.jsonl", qa_rows(QA[6:]))
-    cfg = tiny_config(tiny_model, *BASE, train=train, val=val)
+    cfg = tiny_config(tiny_model, *CHECKPOINTED, train=train, val=val)
     out = tmp_path / "run"
-    crash(cfg, out)
+    crash(cfg, out, 7)
     old = runs.file_sha256(train)
     write_jsonl(train, qa_rows(QA[:5] + QA[7:]))  # same path, other content
     new = runs.file_sha256(train)
@@ -113,7 +100,7 @@ def test_resume_refuses_training_data_changed_at_the_same_path(tiny_model, tmp_p
 def test_resume_refuses_a_base_model_changed_at_the_same_path(tiny_model, data_files, tmp_path):
     model = tmp_path / "model"
     shutil.copytree(tiny_model, model)
-    cfg = tiny_config(model, *BASE, train=data_files[0], val=data_files[1])
+    cfg = tiny_config(model, *CHECKPOINTED, train=data_files[0], val=data_files[1])
     out = tmp_path / "run"
     crash(cfg, out, step=3)
     config = json.loads((model / "config.json").read_text())
@@ -132,7 +119,7 @@ def test_a_forced_rank_change_is_named_and_leaves_the_run_resumable(cfg, out, ti
     saved = runs.partial(out) / runs.TRAINING_CONFIG
     before = saved.read_bytes()
     events = []
-    other = tiny_config(tiny_model, *BASE, "lora.rank=16", train=data_files[0], val=data_files[1])
+    other = tiny_config(tiny_model, *CHECKPOINTED, "lora.rank=16", train=data_files[0], val=data_files[1])
     with pytest.raises(AfinarError) as err:
         run_training(other, out, resume=True, force=True, on_event=events.append)
     said = str(err.value)

@@ -43,12 +43,21 @@ def start(run: Path, *settings: str) -> tuple[subprocess.Popen, str, list[str]]:
                 found.set()
 
     threading.Thread(target=read, daemon=True).start()
-    assert found.wait(120), "".join(log)
-    url = re.search(r"listening on (http://\S+)", "".join(log)).group(1)
-    deadline = time.monotonic() + 120
-    while httpx.get(f"{url}/health").status_code != 200:
-        assert time.monotonic() < deadline and proc.poll() is None, "".join(log)
-        time.sleep(0.1)
+    try:
+        assert found.wait(120), "".join(log)
+        url = re.search(r"listening on (http://\S+)", "".join(log)).group(1)
+        deadline = time.monotonic() + 120
+        while True:
+            try:  # while the model loads (imports hold the GIL) /health may answer late on a busy machine
+                if httpx.get(f"{url}/health", timeout=30).status_code == 200:
+                    break
+            except httpx.TimeoutException:
+                pass
+            assert time.monotonic() < deadline and proc.poll() is None, "".join(log)
+            time.sleep(0.1)
+    except BaseException:
+        proc.kill()  # a server that never got ready must not outlive the test
+        raise
     return proc, url, log
 
 
@@ -64,16 +73,22 @@ def streamed(url: str, n: int, i: int) -> list[str]:
         return [line for line in r.iter_lines() if line]
 
 
+def running_together(pool, url: str, jobs) -> list:
+    """Send every (request function, max_tokens) job; return their futures once all are running rows."""
+    futures = [pool.submit(fn, url, n, i) for i, (fn, n) in enumerate(jobs)]
+    deadline = time.monotonic() + 60
+    while httpx.get(f"{url}/metrics").json()["running_rows"] < len(jobs):
+        assert time.monotonic() < deadline, f"the {len(jobs)} requests never ran together"
+        time.sleep(0.01)
+    return futures
+
+
 def test_sigterm_drains_in_flight_requests_then_exits_0(run):
     proc, url, log = start(run, "serve.drain_seconds=1", f"serve.max_tokens={LONG}")
     try:
         jobs = [(plain, SHORT), (plain, LONG), (streamed, SHORT), (streamed, LONG)] * 3  # 6 plain, 6 streamed
         with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
-            futures = [pool.submit(fn, url, n, i) for i, (fn, n) in enumerate(jobs)]
-            deadline = time.monotonic() + 60
-            while httpx.get(f"{url}/metrics").json()["running_rows"] < len(jobs):
-                assert time.monotonic() < deadline, "the 12 requests never ran together"
-                time.sleep(0.01)
+            futures = running_together(pool, url, jobs)
             proc.send_signal(signal.SIGTERM)
             t0 = time.monotonic()
             while httpx.get(f"{url}/health").json()["status"] != "draining":
@@ -117,11 +132,7 @@ def test_a_second_signal_ends_the_requests_in_flight_cleanly_at_once(run):
     try:
         jobs = [(plain, LONG), (streamed, LONG)] * 2
         with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
-            futures = [pool.submit(fn, url, n, i) for i, (fn, n) in enumerate(jobs)]
-            deadline = time.monotonic() + 60
-            while httpx.get(f"{url}/metrics").json()["running_rows"] < len(jobs):
-                assert time.monotonic() < deadline, "the requests never ran together"
-                time.sleep(0.01)
+            futures = running_together(pool, url, jobs)
             proc.send_signal(signal.SIGTERM)
             while httpx.get(f"{url}/health").json()["status"] != "draining":
                 time.sleep(0.01)
